@@ -1,0 +1,1 @@
+"""Prefect flows of shoprec: ingest, train, monitor."""

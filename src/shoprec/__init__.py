@@ -1,0 +1,3 @@
+"""shoprec: real-time recommendations for online shops."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,92 @@
+"""The ``shoprec`` command line."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(
+    name="shoprec",
+    help="Real-time recommendations for online shops: ingest, train, serve, monitor.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, rich_tracebacks=False)],
+    )
+    for noisy in ("great_expectations", "httpx", "urllib3", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log DEBUG messages too.")
+    ] = False,
+) -> None:
+    """Configure logging for every command."""
+    _configure_logging(verbose)
+
+
+@app.command()
+def ingest(
+    landing_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of landing files; default: SHOPREC_LANDING_DIR."),
+    ] = None,
+    until: Annotated[
+        datetime | None,
+        typer.Option(formats=["%Y-%m-%d"], help="Ingest only files of days up to this date."),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Ingest at most this many new files.")
+    ] = None,
+    no_version: Annotated[
+        bool, typer.Option("--no-version", help="Do not record a DVC version of the store.")
+    ] = False,
+) -> None:
+    """Ingest new landing files into the validated, DVC-versioned event store."""
+    from flows.ingest import ingest as ingest_flow
+
+    from shoprec.summary import IngestSummary
+
+    result = ingest_flow(
+        landing_dir=str(landing_dir) if landing_dir else None,
+        until=until.date() if until else None,
+        limit=limit,
+        version=False if no_version else None,
+    )
+    summary = IngestSummary(
+        files=result["files"],
+        rejected=result["files_rejected"],
+        data_version=result["data_version"],
+        previous_data_version=result["previous_data_version"],
+    )
+    console.print(summary.render_text())
+    if result["files_rejected"]:
+        raise typer.Exit(code=1)
+
+
+def _register_optional_commands() -> None:
+    """Add the commands of the training and serving modules."""
+    from shoprec import cli_train
+
+    cli_train.register(app)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    app()
