@@ -78,8 +78,10 @@ def parse_landing_file(path: Path, adapter: Any, validation: ValidationConfig) -
 
 
 @task(name="validate-files")
-def validate_chunk(outcomes: list[FileOutcome], validation: ValidationConfig) -> list[FileOutcome]:
-    return validate_files(outcomes, validation)
+def validate_chunk(
+    outcomes: list[FileOutcome], validation: ValidationConfig, docs_dir: Path
+) -> list[FileOutcome]:
+    return validate_files(outcomes, validation, docs_dir)
 
 
 @task(
@@ -155,6 +157,7 @@ def ingest(
     # Validate a few files per GX run, then commit them as one store transaction, in file
     # order so that the catalogue's "last seen" follows time.
     summary = IngestSummary()
+    docs_dir = settings.reports_dir / "validation" / "data_docs"
     known = store.known_event_ids() if pending else set()
     outcomes: list[FileOutcome] = []
     chunk: list[FileOutcome] = []
@@ -173,7 +176,7 @@ def ingest(
         else:
             chunk.append(outcome)
         if chunk and (len(chunk) >= ingest_config.files_per_commit or number == len(pending)):
-            validated = validate_chunk(chunk, validation)
+            validated = validate_chunk(chunk, validation, docs_dir)
             outcomes.extend(validated)
             for entry in commit_batches(store, validated, known):
                 summary.add(entry["source_file"], entry["counts"])

@@ -73,6 +73,8 @@ def test_ingest_flow_versions_store_and_is_idempotent(project, prefect_api, capl
     for entry in first["files"]:
         assert entry["rows_read"] == entry["stored"] + entry["quarantined"] + entry["duplicates"]
     assert len(read_events(project / "data")) == totals["stored"]
+    assert (project / "reports/validation/data_docs/index.html").exists()
+    assert (project / "reports/validation/2011-03-04.json").exists()
     assert first["data_version"] is not None
     assert first["previous_data_version"] is None
     assert "data" in (project / "data.dvc").read_text()

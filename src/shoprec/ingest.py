@@ -137,14 +137,20 @@ def parse_file(path: Path, adapter: SourceAdapter, validation: ValidationConfig)
     return FileOutcome(path.name, None, source=source)
 
 
-def validate_files(outcomes: list[FileOutcome], validation: ValidationConfig) -> list[FileOutcome]:
-    """Validate the parsed files together in one GX run and split each into a batch."""
+def validate_files(
+    outcomes: list[FileOutcome], validation: ValidationConfig, docs_dir: Path | None = None
+) -> list[FileOutcome]:
+    """Validate the parsed files together in one GX run and split each into a batch.
+
+    With `docs_dir`, the GX run is also rendered into the Data Docs site there.
+    """
     parsed = [o for o in outcomes if o.source is not None]
     if not parsed:
         return outcomes
     frames = [o.source.events.assign(**{SOURCE_FILE: o.source_file}) for o in parsed]
     events = pd.concat(frames, ignore_index=True)
-    result = validate_events(events, validation)
+    run_name = f"{parsed[0].source_file}..{parsed[-1].source_file}"
+    result = validate_events(events, validation, docs_dir, run_name)
     if result.batch_failures:
         raise BatchRejectedError(
             ", ".join(o.source_file for o in parsed),

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from pydantic import BaseModel
 
-from shoprec.adapters.base import DAY_SECONDS, PARSE_PROBLEM
+from shoprec.adapters.base import DAY_SECONDS, PARSE_PROBLEM, SOURCE_LINE
 from shoprec.columns import EVENT_TYPES
 from shoprec.columns import Columns as C
 
@@ -120,14 +121,18 @@ def _expectations(config: ValidationConfig, with_day: bool) -> list[tuple[str, s
     return rules
 
 
-def _validation_definition(config: ValidationConfig, with_day: bool) -> tuple[Any, list]:
-    """Build (once per process) the GX context, suite and validation definition."""
-    key = f"{config.model_dump_json()}|{with_day}"
+def _checkpoint(config: ValidationConfig, with_day: bool, docs_dir: Path | None) -> Any:
+    """Build (once per process) the GX context, suite, validation definition and checkpoint.
+
+    With `docs_dir`, every run also updates a GX Data Docs site in that folder.
+    """
+    key = f"{config.model_dump_json()}|{with_day}|{docs_dir}"
     cached = _CONTEXT.get(key)
     if cached is not None:
         return cached
 
     import great_expectations as gx
+    from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = _CONTEXT.get("context")
@@ -141,31 +146,62 @@ def _validation_definition(config: ValidationConfig, with_day: bool) -> tuple[An
         .add_dataframe_asset("normalized_batch")
         .add_batch_definition_whole_dataframe("whole_file")
     )
-    rules = _expectations(config, with_day)
     suite = gx.ExpectationSuite(name=f"{name}_suite")
-    for level, rule, expectation in rules:
+    for level, rule, expectation in _expectations(config, with_day):
         expectation.meta = {"rule": rule, "level": level}
         suite.add_expectation(expectation)
     suite = context.suites.add(suite)
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name=f"{name}_validation", data=batch, suite=suite)
     )
-    _CONTEXT[key] = (definition, rules)
-    return definition, rules
+    actions = []
+    if docs_dir is not None:
+        site = f"{name}_docs"
+        context.add_data_docs_site(
+            site,
+            {
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(Path(docs_dir).resolve()),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+        actions.append(UpdateDataDocsAction(name="update_data_docs", site_names=[site]))
+    checkpoint = context.checkpoints.add(
+        gx.Checkpoint(
+            name=f"{name}_checkpoint",
+            validation_definitions=[definition],
+            actions=actions,
+            result_format={"result_format": "COMPLETE", "include_unexpected_rows": False},
+        )
+    )
+    _CONTEXT[key] = checkpoint
+    return checkpoint
 
 
-def validate_events(events: pd.DataFrame, config: ValidationConfig) -> ValidationOutcome:
-    """Run the expectation suite on a normalized batch and map failures to rows."""
-    frame = events.reset_index(drop=True).copy()
+def validate_events(
+    events: pd.DataFrame,
+    config: ValidationConfig,
+    docs_dir: Path | None = None,
+    run_name: str | None = None,
+) -> ValidationOutcome:
+    """Run the expectation suite on a normalized batch and map failures to rows.
+
+    With `docs_dir`, the result is also rendered into the GX Data Docs site there.
+    """
+    import great_expectations as gx
+
+    frame = events.drop(columns=[SOURCE_LINE], errors="ignore").reset_index(drop=True)
     frame[C.QUANTITY] = frame[C.QUANTITY].astype("float64")
     with_day = DAY_SECONDS in frame.columns
 
     with _CONTEXT_LOCK:
-        definition, _ = _validation_definition(config, with_day)
-        result = definition.run(
-            batch_parameters={"dataframe": frame},
-            result_format={"result_format": "COMPLETE", "include_unexpected_rows": False},
-        )
+        checkpoint = _checkpoint(config, with_day, docs_dir)
+        run_id = gx.core.run_identifier.RunIdentifier(run_name=run_name or "shoprec-validation")
+        checkpoint_result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
+    result = next(iter(checkpoint_result.run_results.values()))
 
     row_rules: list[list[str]] = [[] for _ in range(len(frame))]
     batch_failures: list[str] = []
