@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from shoprec.config import Settings, load_params
@@ -67,17 +68,21 @@ def find_pending_files(
     return pending
 
 
+# Task inputs are whole batches and the store: NO_CACHE skips hashing them for a cache key,
+# and a cached result must never stand in for a real parse or commit.
 @task(
     name="parse-landing-file",
     retries=2,
     retry_delay_seconds=1,
     retry_condition_fn=_retry_on_io_error,
+    cache_policy=NO_CACHE,
+    persist_result=False,
 )
 def parse_landing_file(path: Path, adapter: Any, validation: ValidationConfig) -> FileOutcome:
     return parse_file(path, adapter, validation)
 
 
-@task(name="validate-files")
+@task(name="validate-files", cache_policy=NO_CACHE, persist_result=False)
 def validate_chunk(
     outcomes: list[FileOutcome], validation: ValidationConfig, docs_dir: Path
 ) -> list[FileOutcome]:
@@ -85,24 +90,39 @@ def validate_chunk(
 
 
 @task(
-    name="commit-batches", retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_on_io_error
+    name="commit-batches",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=_retry_on_io_error,
+    cache_policy=NO_CACHE,
+    persist_result=False,
 )
 def commit_batches(
     store: EventStore, outcomes: list[FileOutcome], known: set[str]
 ) -> list[dict[str, Any]]:
-    """Commit several files' batches as one store transaction."""
+    """Commit several files' batches as one store transaction; `known` grows with them."""
     batches = []
     added: set[str] = set()
-    for outcome in outcomes:
-        batch = finalize_batch(outcome.batch, known | added if added else known)
-        added.update(batch.events["event_id"])
-        batches.append(batch)
-    entries = store.commit(batches)
-    known.update(added)
-    return entries
+    try:
+        for outcome in outcomes:
+            batch = finalize_batch(outcome.batch, known)
+            new_ids = set(batch.events["event_id"])
+            known.update(new_ids)
+            added.update(new_ids)
+            batches.append(batch)
+        return store.commit(batches)
+    except BaseException:
+        known.difference_update(added)
+        raise
 
 
-@task(name="version-store", retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_on_io_error)
+@task(
+    name="version-store",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_on_io_error,
+    cache_policy=NO_CACHE,
+)
 def version_store(root: Path, data_dir: Path, remote: str | None) -> dict[str, Any]:
     previous, current = record_data_version(root, data_dir)
     pushed = push_data(root, remote)

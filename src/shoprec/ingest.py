@@ -196,7 +196,7 @@ def _split_batch(source: SourceBatch, row_rules: pd.Series) -> BatchToCommit:
                 "; ".join(_rule_detail(rule, row) for rule in row_rules.split("; "))
                 for (_, row), row_rules in zip(bad.iterrows(), rules, strict=True)
             ],
-            Q.SOURCE_LINE: bad[SOURCE_LINE].to_numpy(),
+            Q.SOURCE_LINE: [source.redact(line) for line in bad[SOURCE_LINE]],
         }
     )
     quarantine = pd.concat([source.malformed, quarantine], ignore_index=True)

@@ -262,12 +262,16 @@ class EventStore:
         (staging / TXN_FILE).write_text(json.dumps([b.batch_id for b in new]), encoding="utf-8")
 
         # 1. Stage every new file.
-        catalogue = self.read_catalogue()
         moves: list[str] = []
         for batch in new:
-            entry, files, catalogue = self._stage_batch(batch, staging, catalogue)
+            entry, files = self._stage_batch(batch, staging)
             manifest["batches"][batch.batch_id] = entry
             moves.extend(files)
+        catalogue = update_catalogue(
+            self.read_catalogue(),
+            pd.concat([b.events for b in new], ignore_index=True),
+            pd.concat([b.descriptions for b in new], ignore_index=True),
+        )
         _write_parquet(catalogue, CATALOGUE_SCHEMA, staging / CATALOGUE)
         manifest["batches"] = dict(sorted(manifest["batches"].items()))
         with (staging / MANIFEST).open("w", encoding="utf-8") as handle:
@@ -295,9 +299,7 @@ class EventStore:
         self._catalogue = catalogue
         return [manifest["batches"][b.batch_id] for b in batches]
 
-    def _stage_batch(
-        self, batch: BatchToCommit, staging: Path, catalogue: pd.DataFrame
-    ) -> tuple[dict[str, Any], list[str], pd.DataFrame]:
+    def _stage_batch(self, batch: BatchToCommit, staging: Path) -> tuple[dict[str, Any], list[str]]:
         events = batch.events.copy()
         events[C.BATCH_ID] = batch.batch_id
         dates = events[C.TS].dt.strftime("%Y-%m-%d")
@@ -320,7 +322,7 @@ class EventStore:
             "counts": batch.counts,
         }
         files = [*event_files, *([quarantine_file] if quarantine_file else [])]
-        return entry, files, update_catalogue(catalogue, events, batch.descriptions)
+        return entry, files
 
 
 def update_catalogue(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import csv
 import difflib
 import io
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pandas as pd
 
 from shoprec.columns import QuarantineColumns as Q
 from shoprec.exceptions import BatchRejectedError
+from shoprec.privacy import Pseudonymizer
 
 # Bookkeeping columns carried next to the canonical ones until the store write.
 LINE_NUMBER = "_line_number"
@@ -29,15 +32,56 @@ DESCRIPTION = "_description"
 DAY_SECONDS = "ts_seconds_into_day"
 
 
+class CsvLineRedactor:
+    """Replace the customer id field of a raw CSV line by its pseudonym."""
+
+    def __init__(self, field_index: int | None, pseudonymizer: Pseudonymizer) -> None:
+        self.field_index = field_index
+        self.pseudonymizer = pseudonymizer
+
+    def redact_record(self, record: list[str]) -> str:
+        fields = list(record)
+        index = self.field_index
+        if index is not None and index < len(fields):
+            raw = re.sub(r"\.0+$", "", fields[index].strip())
+            fields[index] = self.pseudonymizer.user_id(raw) if raw else ""
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="").writerow(fields)
+        return buffer.getvalue()
+
+    def __call__(self, line: str) -> str:
+        return self.redact_record(next(csv.reader([line]), []))
+
+
+class JsonRowRedactor:
+    """Replace the customer id of a row serialized as JSON by its pseudonym."""
+
+    def __init__(self, column: str | None, pseudonymizer: Pseudonymizer) -> None:
+        self.column = column
+        self.pseudonymizer = pseudonymizer
+
+    def __call__(self, line: str) -> str:
+        row = json.loads(line)
+        if self.column is not None and row.get(self.column):
+            raw_id = str(row[self.column]).strip().removesuffix(".0")
+            row[self.column] = self.pseudonymizer.user_id(raw_id)
+        return json.dumps(row, sort_keys=True, default=str)
+
+
 @dataclass
 class SourceBatch:
-    """One landing file after parsing and normalization, before validation."""
+    """One landing file after parsing and normalization, before validation.
+
+    ``events[SOURCE_LINE]`` holds the raw source line, which may contain a raw
+    customer id: it is never written. Quarantine stores ``redact(line)`` instead.
+    """
 
     source_file: str
     file_sha256: str
     rows_read: int
     events: pd.DataFrame
     malformed: pd.DataFrame
+    redact: CsvLineRedactor | JsonRowRedactor
     duplicates: int = 0
     file_day: pd.Timestamp | None = None
     ignored_columns: list[str] = field(default_factory=list)
@@ -174,13 +218,3 @@ def malformed_frame(
             Q.SOURCE_LINE: source_lines,
         }
     )
-
-
-def rewrite_csv_field(record: list[str], index: int, value: str) -> str:
-    """Serialize a record back to one CSV line with field `index` replaced."""
-    fields = list(record)
-    if index < len(fields):
-        fields[index] = value
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="").writerow(fields)
-    return buffer.getvalue()

@@ -20,6 +20,8 @@ from shoprec.adapters.base import (
     LINE_NUMBER,
     PARSE_PROBLEM,
     SOURCE_LINE,
+    CsvLineRedactor,
+    JsonRowRedactor,
     SourceBatch,
     check_header,
     combine_problems,
@@ -105,16 +107,21 @@ class GenericAdapter:
                 for row in raw[sources].to_dict("records")
             ]
             rows_read = len(raw)
+            redact = JsonRowRedactor(cfg.columns.get(C.USER_ID), self.pseudonymizer)
         else:
             lines = split_csv(path, decode_text(path, data, cfg.encoding))
             extra = check_header(path, lines.header, sources)
             width = len(lines.header)
+            user_column = cfg.columns.get(C.USER_ID)
+            redact = CsvLineRedactor(
+                lines.header.index(user_column) if user_column else None, self.pseudonymizer
+            )
             good = [i for i, record in enumerate(lines.records) if len(record) == width]
             bad = [i for i, record in enumerate(lines.records) if len(record) != width]
             malformed = malformed_frame(
                 path.name,
                 [lines.line_numbers[i] for i in bad],
-                [self._redact_record(lines.header, lines.records[i]) for i in bad],
+                [redact.redact_record(lines.records[i]) for i in bad],
                 [f"expected {width} fields, found {len(lines.records[i])}" for i in bad],
             )
             raw = pd.DataFrame([lines.records[i] for i in good], columns=lines.header, dtype=object)
@@ -130,7 +137,7 @@ class GenericAdapter:
         raw_lines = [line for line, kept in zip(raw_lines, keep, strict=True) if kept]
         events = self._normalize(raw, raw_lines)
         events[LINE_NUMBER] = np.asarray(line_numbers, dtype="int64")[keep]
-        events[SOURCE_LINE] = [self._redact_row(row) for row in raw.to_dict("records")]
+        events[SOURCE_LINE] = raw_lines
 
         return SourceBatch(
             source_file=path.name,
@@ -138,6 +145,7 @@ class GenericAdapter:
             rows_read=rows_read,
             events=events,
             malformed=malformed,
+            redact=redact,
             duplicates=duplicates,
             ignored_columns=extra,
         )
@@ -190,15 +198,3 @@ class GenericAdapter:
             quantity_problem, price_problem, ts_problem, customer_problem
         )
         return events
-
-    def _redact_record(self, header: list[str], record: list[str]) -> str:
-        row = dict(zip(header, record, strict=False))
-        return json.dumps(self._redact_row(row, as_dict=True), sort_keys=True)
-
-    def _redact_row(self, row: dict, as_dict: bool = False) -> str | dict:
-        source = self.config.columns.get(C.USER_ID)
-        redacted = dict(row)
-        if source is not None and redacted.get(source):
-            raw_id = str(redacted[source]).strip().removesuffix(".0")
-            redacted[source] = self.pseudonymizer.user_id(raw_id)
-        return redacted if as_dict else json.dumps(redacted, sort_keys=True, default=str)

@@ -26,6 +26,7 @@ from shoprec.adapters.base import (
     LINE_NUMBER,
     PARSE_PROBLEM,
     SOURCE_LINE,
+    CsvLineRedactor,
     SourceBatch,
     check_header,
     combine_problems,
@@ -34,7 +35,6 @@ from shoprec.adapters.base import (
     normalize_customer_ids,
     parse_numbers,
     parse_timestamps,
-    rewrite_csv_field,
     split_csv,
 )
 from shoprec.columns import Columns as C
@@ -62,22 +62,6 @@ class OnlineRetailConfig(BaseModel):
         "CustomerID",
         "Country",
     ]
-
-
-class CustomerFieldRedactor:
-    """Replace the customer id field of a CSV source line by its pseudonym."""
-
-    def __init__(self, field_index: int, pseudonymizer: Pseudonymizer) -> None:
-        self.field_index = field_index
-        self.pseudonymizer = pseudonymizer
-
-    def __call__(self, record: list[str]) -> str:
-        if self.field_index >= len(record):
-            return rewrite_csv_field(record, self.field_index, "")
-        raw = record[self.field_index].strip()
-        raw = re.sub(r"\.0+$", "", raw)
-        value = self.pseudonymizer.user_id(raw) if raw else ""
-        return rewrite_csv_field(record, self.field_index, value)
 
 
 def file_day(path: Path) -> pd.Timestamp | None:
@@ -118,13 +102,13 @@ class OnlineRetailAdapter:
 
         width = len(lines.header)
         customer_index = lines.header.index("CustomerID")
-        redact = CustomerFieldRedactor(customer_index, self.pseudonymizer)
+        redact = CsvLineRedactor(customer_index, self.pseudonymizer)
         good = [i for i in unique_index if len(lines.records[i]) == width]
         bad = [i for i in unique_index if len(lines.records[i]) != width]
         malformed = malformed_frame(
             path.name,
             [lines.line_numbers[i] for i in bad],
-            [redact(lines.records[i]) for i in bad],
+            [redact.redact_record(lines.records[i]) for i in bad],
             [f"expected {width} fields, found {len(lines.records[i])}" for i in bad],
         )
 
@@ -132,7 +116,7 @@ class OnlineRetailAdapter:
         raw_lines = pd.Series([lines.source_lines[i] for i in good], dtype=object)
         events = self._normalize(raw, raw_lines, path)
         events[LINE_NUMBER] = np.asarray([lines.line_numbers[i] for i in good], dtype="int64")
-        events[SOURCE_LINE] = [redact(lines.records[i]) for i in good] if len(good) else []
+        events[SOURCE_LINE] = raw_lines.to_numpy()
 
         return SourceBatch(
             source_file=path.name,
@@ -140,6 +124,7 @@ class OnlineRetailAdapter:
             rows_read=len(lines.records),
             events=events,
             malformed=malformed,
+            redact=redact,
             duplicates=duplicates,
             file_day=file_day(path),
             ignored_columns=extra,
