@@ -11,6 +11,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export BENTOML_DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
 export OPENBLAS_NUM_THREADS ?= 1
+# dvc.yaml stages call the installed `shoprec` CLI, and the train flow calls `dvc`.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install pipeline ingest test test-fast lint bench clean-data
 
@@ -22,9 +24,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Main job: ingest every landing file into the validated, DVC-versioned store.
+## Main job: ingest the real data, train and evaluate the two-stage model, register the
+## champion in the BentoML model store.
 pipeline: install
 	$(BIN)/shoprec ingest
+	$(BIN)/shoprec train
+	$(BIN)/shoprec evaluate
 
 ingest: install
 	$(BIN)/shoprec ingest

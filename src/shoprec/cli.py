@@ -80,10 +80,11 @@ def ingest(
 
 
 def _register_optional_commands() -> None:
-    """Add the commands of the training and serving modules."""
-    from shoprec import cli_train
+    """Add the commands of the training, pipeline-stage and monitoring modules."""
+    from shoprec import cli_train, stages
 
     cli_train.register(app)
+    stages.register(app)
 
 
 _register_optional_commands()
