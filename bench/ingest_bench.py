@@ -42,8 +42,14 @@ def run_once(landing: Path, runner: str) -> tuple[float, dict]:
         }
         shoprec = Path(sys.executable).with_name("shoprec")
         start = time.perf_counter()
-        subprocess.run([str(shoprec), "ingest"], cwd=project, env=env, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [str(shoprec), "ingest"],
+            cwd=project,
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         elapsed = time.perf_counter() - start
         manifest = json.loads((project / "data/manifest.json").read_text())
         rows = sum(b["counts"]["rows_read"] for b in manifest["batches"].values())

@@ -56,13 +56,23 @@ def ingest(
     no_version: Annotated[
         bool, typer.Option("--no-version", help="Do not record a DVC version of the store.")
     ] = False,
+    task_runner: Annotated[
+        str | None,
+        typer.Option(
+            help="Task runner of the per-file tasks: thread, process, dask (a local Dask "
+            "cluster) or tcp://HOST:PORT of a Dask scheduler; default: SHOPREC_TASK_RUNNER."
+        ),
+    ] = None,
 ) -> None:
     """Ingest new landing files into the validated, DVC-versioned event store."""
     from flows.ingest import ingest as ingest_flow
 
+    from shoprec.config import Settings
     from shoprec.summary import IngestSummary
+    from shoprec.task_runners import build_task_runner
 
-    result = ingest_flow(
+    runner = build_task_runner(task_runner or Settings().task_runner)
+    result = ingest_flow.with_options(task_runner=runner)(
         landing_dir=str(landing_dir) if landing_dir else None,
         until=until.date() if until else None,
         limit=limit,

@@ -7,6 +7,10 @@
   whose per-file work is CPU-bound Python);
 - ``dask``: ``prefect-dask``'s ``DaskTaskRunner`` on a new local Dask cluster;
 - ``tcp://HOST:PORT``: ``DaskTaskRunner`` on an existing Dask scheduler.
+
+NOTE: worker processes (``process`` and both Dask runners) must reach the Prefect API.
+Without ``PREFECT_API_URL``, each worker starts its own temporary server, which is slow and
+on a loaded machine can time out; run ``prefect server start`` and set ``PREFECT_API_URL``.
 """
 
 from __future__ import annotations
