@@ -137,13 +137,27 @@ def train(
             table = metrics_table(metrics[variant]).to_string(float_format="{:.4f}".format)
             logger.info("metrics, variant %s:\n%s", variant, table)
 
+    # A bundle that is already registered (dvc repro changed nothing) is not registered twice.
     model_dir = project_dir / MODEL_DIR
+    fingerprint = registry.bundle_fingerprint(model_dir)
+    existing = registry.find_registered(fingerprint)
+    if existing is not None:
+        stage = existing.info.labels.get(registry.STAGE_LABEL)
+        logger.info("bundle already registered as %s (%s); nothing to do", existing.tag, stage)
+        return {
+            "model_tag": str(existing.tag),
+            "promoted": stage == registry.CHAMPION,
+            "reasons": [f"bundle already registered as {existing.tag} ({stage})"],
+            "metrics": metrics,
+        }
+
     metadata = registry.build_metadata(
         data_version=registry.read_data_version(project_dir / DVC_FILE),
         params=registry.select_pipeline_params(params, _read_yaml(project_dir / DVC_PIPELINE_FILE)),
         metrics=metrics,
         training_window=read_training_window(model_dir),
     )
+    metadata["bundle_sha256"] = fingerprint
     tag = register(model_dir, metrics, metadata)
     decision = gate(tag, metrics, gate_config)
 

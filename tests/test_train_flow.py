@@ -113,6 +113,18 @@ def test_train_flow_registers_and_promotes(
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_train_flow_skips_registered_bundle(
+    project: Path, model_store: Path, prefect_api: None
+) -> None:
+    first = train(project_dir=project, repro_cmd=fake_repro(0.2))
+    again = train(project_dir=project, repro_cmd=fake_repro(0.2))
+
+    assert again["model_tag"] == first["model_tag"]
+    assert again["promoted"] is True
+    assert again["reasons"] == [f"bundle already registered as {first['model_tag']} (champion)"]
+    assert len(registry.list_models()) == 1
+
+
 def test_train_flow_fails_when_pipeline_fails(
     project: Path, model_store: Path, prefect_api: None
 ) -> None:

@@ -8,6 +8,7 @@ location follows BentoML: ``$BENTOML_HOME/models``, by default ``~/bentoml/model
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -162,6 +163,23 @@ def list_models() -> list[bentoml.Model]:
     """List every registered shoprec model, newest first."""
     models = [m for m in bentoml.models.list() if m.tag.name == MODEL_NAME]
     return sorted(models, key=lambda m: m.info.creation_time, reverse=True)
+
+
+def bundle_fingerprint(model_dir: Path) -> str:
+    """Return a SHA-256 over the bundle's file names and contents (same bundle, same value)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(model_dir).as_posix().encode("utf-8"))
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def find_registered(fingerprint: str) -> bentoml.Model | None:
+    """Return the newest registered model whose metadata has this bundle fingerprint."""
+    for model in list_models():
+        if model.info.metadata.get("bundle_sha256") == fingerprint:
+            return model
+    return None
 
 
 def get_champion() -> bentoml.Model | None:
