@@ -10,6 +10,9 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export BENTOML_DO_NOT_TRACK ?= true
 export DVC_NO_ANALYTICS ?= 1
+# A local flow run starts a temporary Prefect API; on a busy 2-core machine it can take
+# longer than Prefect's default 20 s to come up.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export OPENBLAS_NUM_THREADS ?= 1
 # dvc.yaml stages call the installed `shoprec` CLI, and the train flow calls `dvc`.
 export PATH := $(CURDIR)/$(BIN):$(PATH)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated
@@ -38,6 +39,10 @@ def main(
 ) -> None:
     """Configure logging for every command."""
     _configure_logging(verbose)
+    # A local run starts a temporary Prefect API: give it time on a busy machine, and keep
+    # Prefect's telemetry off (the default deployment has no outside network).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 @app.command()
