@@ -31,7 +31,7 @@ from shoprec.ingest import (
     validate_files,
 )
 from shoprec.privacy import Pseudonymizer, load_or_create_key
-from shoprec.store import EventStore
+from shoprec.store import EventIdIndex, EventStore
 from shoprec.summary import IngestSummary
 from shoprec.validate import ValidationConfig
 from shoprec.versioning import push_data, record_data_version
@@ -98,7 +98,7 @@ def validate_chunk(
     persist_result=False,
 )
 def commit_batches(
-    store: EventStore, outcomes: list[FileOutcome], known: set[str]
+    store: EventStore, outcomes: list[FileOutcome], known: EventIdIndex
 ) -> list[dict[str, Any]]:
     """Commit several files' batches as one store transaction; `known` grows with them."""
     batches = []
@@ -178,7 +178,7 @@ def ingest(
     # order so that the catalogue's "last seen" follows time.
     summary = IngestSummary()
     docs_dir = settings.reports_dir / "validation" / "data_docs"
-    known = store.known_event_ids() if pending else set()
+    known = store.known_event_ids() if pending else EventIdIndex()
     outcomes: list[FileOutcome] = []
     chunk: list[FileOutcome] = []
     for number, future in enumerate(futures, start=1):

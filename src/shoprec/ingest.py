@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -233,7 +234,7 @@ def _split_batch(source: SourceBatch, row_rules: pd.Series) -> BatchToCommit:
     )
 
 
-def finalize_batch(batch: BatchToCommit, known_event_ids: set[str]) -> BatchToCommit:
+def finalize_batch(batch: BatchToCommit, known_event_ids: Container[str]) -> BatchToCommit:
     """Drop events whose event_id is already stored, counting them as duplicates."""
     seen = np.fromiter(
         (event_id in known_event_ids for event_id in batch.events[C.EVENT_ID]),
