@@ -17,6 +17,9 @@ export OPENBLAS_NUM_THREADS ?= 1
 # dvc.yaml stages call the installed `shoprec` CLI, and the train flow calls `dvc`.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
+# Last day of the first training set: the replay starts the day after (params.yaml: replay.cutoff).
+REPLAY_CUTOFF = $(shell $(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['replay']['cutoff'])")
+
 .PHONY: install pipeline ingest test test-fast lint bench clean-data
 
 $(STAMP): pyproject.toml
@@ -27,12 +30,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Main job: ingest the real data, train and evaluate the two-stage model, register the
-## champion in the BentoML model store.
+## Main job: play the real year as the shop lived it. Ingest the days up to the replay cutoff,
+## train and register the first champion, build the Bento, replay every later day (ingest,
+## monitor, retrain when the rule fires), then evaluate on the full store with the fixed protocol.
 pipeline: install
-	$(BIN)/shoprec ingest
+	$(BIN)/shoprec ingest --until $(REPLAY_CUTOFF)
+	$(BIN)/shoprec train
+	$(BIN)/shoprec build-bento
+	$(BIN)/shoprec replay
 	$(BIN)/shoprec train
 	$(BIN)/shoprec evaluate
+	@echo
+	@echo "Reports:"
+	@echo "  validation   reports/validation/ (GX Data Docs: reports/validation/data_docs/index.html)"
+	@echo "  evaluation   reports/evaluation/index.html, reports/metrics.json"
+	@echo "  drift        reports/drift/index.html"
+	@echo "  replay       reports/replay/summary.md, reports/replay/timeline.png"
+	@echo "Serve the champion:  SHOPREC_API_TOKEN=change-me $(BIN)/bentoml serve --port 3000"
 
 ingest: install
 	$(BIN)/shoprec ingest

@@ -83,11 +83,35 @@ def register(model_dir: Path, metrics: dict[str, Any], metadata: dict[str, Any])
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate(tag: str, metrics: dict[str, Any], config: registry.GateConfig) -> registry.GateDecision:
-    """Compare the challenger with the champion and promote it when it passes."""
+def gate(
+    tag: str,
+    metrics: dict[str, Any],
+    config: registry.GateConfig,
+    training_window: dict[str, str] | None = None,
+) -> registry.GateDecision:
+    """Compare the challenger with the champion and promote it when it passes.
+
+    Metrics are only comparable on the same test window, which follows the end of the
+    training window. When the champion was evaluated on another window (a retrain on newer
+    data), the challenger must still beat every baseline scored on its own window, but the
+    champion's older numbers are not used.
+    """
     logger = get_run_logger()
     champion = registry.get_champion()
     champion_metrics = champion.info.metadata.get("metrics") if champion is not None else None
+    champion_window = champion.info.metadata.get("training_window") if champion else None
+    champion_end = (champion_window or {}).get("end")
+    challenger_end = (training_window or {}).get("end")
+    other_window = champion_metrics is not None and champion_end != challenger_end
+    if other_window:
+        logger.info(
+            "gate: champion %s was evaluated on the window after %s, the challenger on the "
+            "window after %s; comparing the challenger with the baselines only",
+            champion.tag,
+            champion_end,
+            challenger_end,
+        )
+        champion_metrics = None
 
     decision = registry.decide_promotion(
         metrics,
@@ -96,6 +120,14 @@ def gate(tag: str, metrics: dict[str, Any], config: registry.GateConfig) -> regi
         metric=config.metric,
         variants=config.variants,
     )
+    if other_window:
+        decision.reasons[:] = [
+            f"champion {champion.tag} was evaluated on another window; compared with the "
+            "baselines only"
+            if reason == "no champion registered yet"
+            else reason
+            for reason in decision.reasons
+        ]
     for reason in decision.reasons:
         logger.info("gate: %s", reason)
 
@@ -159,7 +191,7 @@ def train(
     )
     metadata["bundle_sha256"] = fingerprint
     tag = register(model_dir, metrics, metadata)
-    decision = gate(tag, metrics, gate_config)
+    decision = gate(tag, metrics, gate_config, metadata.get("training_window"))
 
     logger.info("model %s promoted=%s", tag, decision.promote)
     return {

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -110,3 +112,54 @@ def test_similar_items_and_unknown_item(bundle):
     assert similar["item_id"].map(lambda item: int(item[1:]) < 10).all()
     with pytest.raises(UnknownItemError, match="'nope' is not in the model catalogue"):
         bundle.similar_items("nope", k=3)
+
+
+def test_online_scores_independent_of_batch(bundle, purchases):
+    history = purchases[purchases["ts"] < LABEL_CUTOFF]
+    model = bundle.candidate_model
+    users = pd.Index(sorted(history["user_id"].unique()))
+    scores = score_users(model, history, users)
+    candidates = generate_candidates(model, history, users, scores)
+    offline = build_features(
+        candidates, history, scores, model, bundle.item_table, LABEL_CUTOFF, FEATURES
+    )
+    offline["score"] = predict_scores(bundle.rankers["all"], offline)
+
+    for user in ["u00", "u11", "u19", "u29"]:
+        online = bundle.recommend(history.iloc[0:0], k=5, user_id=user, now=LABEL_CUTOFF)
+        rows = offline[offline["user_id"] == user]
+        expected = rows.sort_values(["score", "item_id"], ascending=[False, True]).head(5)
+        assert online["item_id"].tolist() == expected["item_id"].tolist()
+        np.testing.assert_allclose(online["score"], expected["score"], rtol=1e-6)
+
+
+def test_orderless_purchase_brings_copurchases(bundle):
+    event = pd.DataFrame(
+        {
+            "user_id": ["walk-in"],
+            "item_id": ["i14"],
+            "event_type": ["purchase"],
+            "quantity": [1],
+            "price": [None],
+            "ts": [pd.Timestamp("2011-03-05", tz="UTC")],
+            "order_id": [None],
+        }
+    )
+    recs = bundle.recommend(event, k=5)
+    assert "copurchase" in set(recs["source"])
+    assert recs["item_id"].map(lambda item: int(item[1:]) >= 10).all()
+
+
+def test_cached_scores_equal_fresh_scores(bundle, purchases):
+    empty = purchases.iloc[0:0]
+    fresh = dataclasses.replace(bundle)  # same model, empty score cache
+    expected = fresh.recommend(empty, k=6, user_id="u21", now=LABEL_CUTOFF)
+    first = expected["item_id"].iloc[0]
+
+    narrowed = bundle.recommend(empty, k=5, user_id="u21", now=LABEL_CUTOFF, exclude_items={first})
+    widened = bundle.recommend(empty, k=6, user_id="u21", now=LABEL_CUTOFF)
+    repeated = bundle.recommend(empty, k=6, user_id="u21", now=LABEL_CUTOFF)
+
+    assert narrowed["item_id"].tolist() == expected["item_id"].iloc[1:].tolist()
+    pd.testing.assert_frame_equal(widened, expected)
+    pd.testing.assert_frame_equal(repeated, expected)

@@ -25,11 +25,12 @@ import json, sys
 from pathlib import Path
 
 ndcg = float(sys.argv[1])
+window_end = sys.argv[2] if len(sys.argv) > 2 else "2011-11-09"
 print("Running stage 'evaluate':")
 Path("artifacts/model").mkdir(parents=True, exist_ok=True)
 Path("artifacts/model/booster.txt").write_text("tree " + sys.argv[1])
 Path("artifacts/model/metadata.json").write_text(
-    json.dumps({"training_window": {"start": "2010-12-01", "end": "2011-11-09"}})
+    json.dumps({"training_window": {"start": "2010-12-01", "end": window_end}})
 )
 metrics = {}
 for variant in ("all", "new"):
@@ -76,8 +77,8 @@ def project(tmp_path: Path) -> Path:
     return project_dir
 
 
-def fake_repro(ndcg: float) -> list[str]:
-    return [sys.executable, "fake_pipeline.py", str(ndcg)]
+def fake_repro(ndcg: float, window_end: str = "2011-11-09") -> list[str]:
+    return [sys.executable, "fake_pipeline.py", str(ndcg), window_end]
 
 
 @pytest.mark.slow
@@ -109,6 +110,23 @@ def test_train_flow_registers_and_promotes(
     }
     assert metadata["training_window"] == {"start": "2010-12-01", "end": "2011-11-09"}
     assert metadata["metrics"]["new"]["two_stage"]["ndcg@10"] == 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_gate_ignores_champion_of_other_window(
+    project: Path, model_store: Path, prefect_api: None
+) -> None:
+    first = train(project_dir=project, repro_cmd=fake_repro(0.2, "2011-10-01"))
+    second = train(project_dir=project, repro_cmd=fake_repro(0.15, "2011-11-01"))
+
+    assert first["promoted"] is True
+    assert second["promoted"] is True
+    assert second["reasons"][-1] == (
+        f"champion {first['model_tag']} was evaluated on another window; "
+        "compared with the baselines only"
+    )
+    assert str(registry.get_champion().tag) == second["model_tag"]
 
 
 @pytest.mark.slow

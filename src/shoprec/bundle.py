@@ -1,13 +1,17 @@
 """The trained two-stage model as one object that serving loads and calls.
 
-``recommend`` runs the same candidate and feature code as training (candidates.py,
-features.py), for one user's events.
+``recommend`` scores one user with the single-user paths of candidate generation
+(user_candidates.py) and features (features.py), which tests check against the batch code that
+training runs. Scores of users who have only training purchases are cached per bundle.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,21 +21,20 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from shoprec.candidates import (
-    CandidateModel,
-    CandidatesConfig,
-    generate_candidates,
-    score_users,
-)
+from shoprec.candidates import CandidateModel, CandidatesConfig, FoldIn, popularity_scores
 from shoprec.columns import Columns
 from shoprec.exceptions import ShoprecError
-from shoprec.features import FeaturesConfig, build_features
-from shoprec.interactions import IdMap, clean_purchases
-from shoprec.rank import FeatureSpec, Ranker, predict_scores
+from shoprec.features import FeaturesConfig, ItemLookup, build_user_features, feature_matrix
+from shoprec.interactions import IdMap
+from shoprec.rank import FeatureSpec, Ranker
+from shoprec.user_candidates import generate_user_candidates, score_user
+from shoprec.user_history import PurchaseIndex, UserHistory, context_purchases, new_purchases
 
 logger = logging.getLogger(__name__)
 
 ANONYMOUS_USER = "__anonymous__"
+# Users whose scores are kept between requests (about 15 kB each).
+SCORE_CACHE_USERS = 2048
 RESULT_COLUMNS = [Columns.ITEM_ID, Columns.SCORE, Columns.RANK, Columns.SOURCE]
 
 
@@ -94,6 +97,52 @@ def load_candidate_model(directory: Path) -> CandidateModel:
     )
 
 
+@dataclass(frozen=True)
+class ScoredCandidates:
+    """One user's candidates (sorted by item id) with ranker scores, NaN where not scored."""
+
+    item_ids: np.ndarray
+    source: np.ndarray
+    score: np.ndarray
+
+    def keep(self, exclude: set[str]) -> np.ndarray:
+        return np.array([item not in exclude for item in self.item_ids], dtype=bool)
+
+
+class ScoreCache:
+    """Least recently used scores of users whose history is only their training purchases."""
+
+    def __init__(self, max_users: int) -> None:
+        self.max_users = max_users
+        self._entries: OrderedDict[tuple, ScoredCandidates] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> ScoredCandidates | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+            return entry
+
+    def put(self, key: tuple, entry: ScoredCandidates) -> None:
+        with self._lock:
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_users:
+                self._entries.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class OnlineTables:
+    """Lookups built once per loaded bundle so that one request touches only its user's rows."""
+
+    purchases: PurchaseIndex
+    items: ItemLookup
+    popular: np.ndarray
+    fold_in: FoldIn
+    scores: ScoreCache
+
+
 @dataclass
 class ModelBundle:
     """The two-stage model: candidate model, item table, rankers per variant and metadata.
@@ -110,7 +159,7 @@ class ModelBundle:
     purchases: pd.DataFrame
     catalogue: pd.DataFrame
     metadata: dict[str, Any] = field(default_factory=dict)
-    _rows_by_user: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False)
+    _online: OnlineTables | None = field(default=None, init=False, repr=False)
 
     def save(self, directory: Path) -> Path:
         """Write the bundle as plain files (npz, parquet, LightGBM text, JSON) to ``directory``."""
@@ -161,7 +210,7 @@ class ModelBundle:
             )
             for variant, info in spec["rankers"].items()
         }
-        return cls(
+        bundle = cls(
             candidate_model=load_candidate_model(directory),
             item_table=pd.read_parquet(directory / "item_table.parquet"),
             rankers=rankers,
@@ -170,6 +219,8 @@ class ModelBundle:
             catalogue=pd.read_parquet(directory / "catalogue.parquet"),
             metadata=json.loads((directory / "metadata.json").read_text(encoding="utf-8")),
         )
+        bundle.prepare_online()
+        return bundle
 
     def recommend(
         self,
@@ -187,45 +238,80 @@ class ModelBundle:
         ``context_items`` (e.g. the current cart) count as a purchase made at ``now``.
         ``now`` defaults to the later of the training cutoff and the user's last event.
         Users without any purchase or context get the recent popular items.
+        A purchase event without an order id counts as an order of its own.
         """
         if k <= 0:
             raise BundleError(f"k must be positive, got {k}")
+        context = [str(item) for item in context_items or ()]
         # Context items are already in the cart, so they are never recommended back.
-        exclude = set(exclude_items or ()) | {str(item) for item in context_items or ()}
-        purchases = self._purchases(user_history, context_items or [], now, user_id)
+        exclude = set(exclude_items or ()) | set(context)
+        online = self.prepare_online()
+        history, stored_only = self._user_history(user_history, context, now, user_id)
         if now is None:
-            latest = purchases[Columns.TS].max() if not purchases.empty else None
+            latest = pd.Timestamp(int(history.ts.max()), tz="UTC") if len(history) else None
             now = max(self.candidate_model.cutoff, latest) if latest is not None else None
             now = now or self.candidate_model.cutoff
-        if purchases.empty:
+        if len(history) == 0:
             return self._popular(k, exclude)
 
-        variant = "new" if exclude_purchased else "all"
-        user_ids = pd.Index(purchases[Columns.USER_ID].unique()[:1])
-        scores = score_users(self.candidate_model, purchases, user_ids)
-        candidates = generate_candidates(self.candidate_model, purchases, user_ids, scores)
-        if exclude_purchased:
-            candidates = candidates[~candidates["from_past"]]
-        candidates = candidates[~candidates[Columns.ITEM_ID].isin(exclude)]
-        if candidates.empty:
-            return self._popular(k, exclude | set(purchases[Columns.ITEM_ID]))
+        # A user with only training purchases always gets the same scores for the same `now`.
+        key = (history.user_id, exclude_purchased, now.value) if stored_only else None
+        scored = online.scores.get(key) if key is not None else None
+        keep = scored.keep(exclude) if scored is not None else None
+        if scored is None or np.isnan(scored.score[keep]).any():
+            scored = self._score(history, exclude, exclude_purchased, now)
+            keep = scored.keep(exclude)
+            if key is not None:
+                online.scores.put(key, scored)
+        if not keep.any():
+            return self._popular(k, exclude | set(history.item_ids.tolist()))
 
-        features = build_features(
-            candidates,
-            purchases,
-            scores,
-            self.candidate_model,
-            self.item_table,
-            now,
-            self.features_config,
+        rows = np.flatnonzero(keep)
+        top = rows[np.lexsort((rows, -scored.score[rows]))[:k]]
+        return pd.DataFrame(
+            {
+                Columns.ITEM_ID: scored.item_ids[top],
+                Columns.SCORE: scored.score[top],
+                Columns.RANK: np.arange(1, len(top) + 1),
+                Columns.SOURCE: scored.source[top],
+            }
         )
-        features[Columns.SCORE] = predict_scores(self.rankers[variant], features)
-        ranked = features.sort_values(
-            [Columns.SCORE, Columns.ITEM_ID], ascending=[False, True], kind="stable"
-        ).head(k)
-        result = ranked[[Columns.ITEM_ID, Columns.SCORE, Columns.SOURCE]].reset_index(drop=True)
-        result[Columns.RANK] = np.arange(1, len(result) + 1)
-        return result[RESULT_COLUMNS]
+
+    def _score(
+        self, history: UserHistory, exclude: set[str], exclude_purchased: bool, now: pd.Timestamp
+    ) -> ScoredCandidates:
+        """Generate the user's candidates and score those not in ``exclude`` (others get NaN)."""
+        online = self.prepare_online()
+        model = self.candidate_model
+        columns = model.items.to_index(history.item_ids)
+        scores = score_user(model, history, columns, online.fold_in)
+        candidates = generate_user_candidates(model, history, scores, online.popular)
+        if exclude_purchased:
+            candidates = candidates.select(~candidates.from_past)
+        score = np.full(len(candidates), np.nan)
+        keep = np.array([item not in exclude for item in candidates.item_ids], dtype=bool)
+        if keep.any():
+            ranker = self.rankers["new" if exclude_purchased else "all"]
+            features = build_user_features(
+                candidates.select(keep), history, scores, online.items, now, self.features_config
+            )
+            matrix = feature_matrix(features, ranker.spec.features, ranker.spec.categories)
+            score[keep] = np.mean([b.predict(matrix, num_threads=1) for b in ranker.boosters], 0)
+        return ScoredCandidates(candidates.item_ids, candidates.source, score)
+
+    def prepare_online(self) -> OnlineTables:
+        """Build (once) the lookups that single-user scoring needs; ``load`` calls it."""
+        if self._online is None:
+            started = time.perf_counter()
+            self._online = OnlineTables(
+                purchases=PurchaseIndex(self.purchases),
+                items=ItemLookup.from_table(self.item_table),
+                popular=popularity_scores(self.candidate_model),
+                fold_in=FoldIn(self.candidate_model.item_factors, self.candidate_model.config),
+                scores=ScoreCache(SCORE_CACHE_USERS),
+            )
+            logger.debug("online tables built in %.2fs", time.perf_counter() - started)
+        return self._online
 
     def similar_items(self, item_id: str, k: int) -> pd.DataFrame:
         """Return items bought together with ``item_id``, then items with the same buyers."""
@@ -251,62 +337,43 @@ class ModelBundle:
         combined = pd.concat(parts, ignore_index=True).drop_duplicates(Columns.ITEM_ID)
         return combined.head(k).reset_index(drop=True)
 
-    def _purchases(
+    def _user_history(
         self,
         user_history: pd.DataFrame,
         context_items: list[str],
         now: pd.Timestamp | None,
         user_id: str | None,
-    ) -> pd.DataFrame:
-        history = user_history.copy()
-        if user_id is None and not history.empty:
-            known = history[Columns.USER_ID].dropna() if Columns.USER_ID in history else []
+    ) -> tuple[UserHistory, bool]:
+        """Return the user's training purchases, new purchases and context as clean purchases,
+        and whether the training purchases are all there is."""
+        if user_id is None and not user_history.empty and Columns.USER_ID in user_history:
+            known = user_history[Columns.USER_ID].dropna()
             user_id = str(known.iloc[0]) if len(known) else None
         user_id = user_id if user_id is not None else ANONYMOUS_USER
-        if not history.empty:
-            history[Columns.USER_ID] = user_id
-        stored = self._stored_purchases(user_id)
-        if not stored.empty:
-            history = pd.concat([stored, history], ignore_index=True).drop_duplicates(
-                [Columns.ORDER_ID, Columns.ITEM_ID, Columns.TS, Columns.EVENT_TYPE]
-            )
-        purchases = (
-            clean_purchases(history) if not history.empty else pd.DataFrame(columns=HISTORY_COLUMNS)
-        )
+        history = stored = self.prepare_online().purchases.history(user_id)
+        if not user_history.empty:
+            history = history.append(new_purchases(user_history, stored))
         if not context_items:
-            return purchases
+            return history, history is stored
         ts = now if now is not None else self.candidate_model.cutoff
         prices = self.item_table["item_price"].reindex(context_items).fillna(1.0).to_numpy()
-        context = pd.DataFrame(
-            {
-                Columns.USER_ID: user_id,
-                Columns.ITEM_ID: [str(item) for item in context_items],
-                Columns.EVENT_TYPE: "purchase",
-                Columns.QUANTITY: 1,
-                Columns.PRICE: prices,
-                Columns.TS: pd.Timestamp(ts),
-                Columns.ORDER_ID: "context",
-            }
-        )
-        if purchases.empty:
-            return clean_purchases(context)
-        return clean_purchases(pd.concat([purchases, context], ignore_index=True))
-
-    def _stored_purchases(self, user_id: str) -> pd.DataFrame:
-        if self._rows_by_user is None:
-            self._rows_by_user = self.purchases.groupby(Columns.USER_ID, sort=False).indices
-        rows = self._rows_by_user.get(user_id)
-        return self.purchases.iloc[rows] if rows is not None else self.purchases.iloc[0:0]
+        return history.append(context_purchases(context_items, prices, ts, user_id)), False
 
     def _popular(self, k: int, exclude: set[str]) -> pd.DataFrame:
         popular = self.candidate_model.popular
-        popular = popular[~popular.index.isin(exclude)].head(k)
-        logger.debug("cold start: returning %d popular items", len(popular))
+        # Walk the list in order and stop at k, so a large exclude set costs nothing extra.
+        rows = []
+        for row, item in enumerate(popular.index.astype(str)):
+            if len(rows) == k:
+                break
+            if item not in exclude:
+                rows.append(row)
+        logger.debug("cold start: returning %d popular items", len(rows))
         return pd.DataFrame(
             {
-                Columns.ITEM_ID: popular.index.astype(str),
-                Columns.SCORE: popular.to_numpy(dtype=float),
-                Columns.RANK: np.arange(1, len(popular) + 1),
+                Columns.ITEM_ID: popular.index.astype(str)[rows],
+                Columns.SCORE: popular.to_numpy(dtype=float)[rows],
+                Columns.RANK: np.arange(1, len(rows) + 1),
                 Columns.SOURCE: "popularity",
             }
         )[RESULT_COLUMNS]

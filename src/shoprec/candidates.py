@@ -116,23 +116,41 @@ def fit_als(user_items: sp.csr_matrix, config: CandidatesConfig) -> tuple[np.nda
     return user_factors, item_factors
 
 
-def fold_in_users(
-    user_items: sp.csr_matrix, item_factors: np.ndarray, config: CandidatesConfig
-) -> np.ndarray:
-    """Recompute user factors from their rows of user_items with the items held fixed."""
-    from implicit.cpu.als import AlternatingLeastSquares
+class FoldIn:
+    """Recompute user factors with the item factors held fixed (ALS fold-in).
 
-    rows = np.arange(user_items.shape[0])
-    with threadpool_limits(limits=1, user_api="blas"):
-        model = AlternatingLeastSquares(
+    One instance keeps implicit's model, so the item Gram matrix is computed once, and a
+    threadpool controller, so the BLAS libraries are looked up once rather than per call.
+    """
+
+    def __init__(self, item_factors: np.ndarray, config: CandidatesConfig) -> None:
+        from implicit.cpu.als import AlternatingLeastSquares
+        from threadpoolctl import ThreadpoolController
+
+        self._controller = ThreadpoolController()
+        self._model = AlternatingLeastSquares(
             factors=item_factors.shape[1],
             regularization=config.als_regularization,
             alpha=config.als_alpha,
             num_threads=1,
         )
-        model.item_factors = item_factors
-        factors = model.recalculate_user(rows, sp.csr_matrix(user_items, dtype=np.float32))
-    return np.asarray(factors, dtype=np.float32).reshape(len(rows), item_factors.shape[1])
+        self._model.item_factors = item_factors
+
+    def __call__(self, user_items: sp.csr_matrix) -> np.ndarray:
+        rows = np.arange(user_items.shape[0])
+        with self._controller.limit(limits=1, user_api="blas"):
+            factors = self._model.recalculate_user(
+                rows, sp.csr_matrix(user_items, dtype=np.float32)
+            )
+        n_factors = self._model.item_factors.shape[1]
+        return np.asarray(factors, dtype=np.float32).reshape(len(rows), n_factors)
+
+
+def fold_in_users(
+    user_items: sp.csr_matrix, item_factors: np.ndarray, config: CandidatesConfig
+) -> np.ndarray:
+    """Recompute user factors from their rows of user_items with the items held fixed."""
+    return FoldIn(item_factors, config)(user_items)
 
 
 def build_item_similarity(rows_items: sp.csr_matrix, n_neighbours: int) -> sp.csr_matrix:
@@ -306,6 +324,16 @@ def _top_new_items(scores: np.ndarray, seen: sp.csr_matrix, n: int) -> tuple[np.
     return row_index[valid], col_index[valid], ranks[valid]
 
 
+def popularity_scores(model: CandidateModel) -> np.ndarray:
+    """Return recent buyers per model item as one row (-inf for items without recent buyers)."""
+    scores = np.zeros(len(model.items), dtype=np.float32)
+    columns = model.items.to_index(model.popular.index.to_numpy())
+    kept = columns >= 0
+    scores[columns[kept]] = model.popular.to_numpy(dtype=np.float32)[kept]
+    scores[scores <= 0] = -np.inf
+    return scores
+
+
 def generate_candidates(
     model: CandidateModel,
     history: pd.DataFrame,
@@ -341,12 +369,7 @@ def generate_candidates(
         )
         parts.append(frame.assign(src=name))
 
-    popular_ids = model.popular.index.to_numpy()
-    popular_scores = np.zeros((len(users), len(item_ids)), dtype=np.float32)
-    popular_cols = model.items.to_index(popular_ids)
-    kept = popular_cols >= 0
-    popular_scores[:, popular_cols[kept]] = model.popular.to_numpy(dtype=np.float32)[kept]
-    popular_scores[popular_scores <= 0] = -np.inf
+    popular_scores = np.tile(popularity_scores(model), (len(users), 1))
     rows, cols, ranks = _top_new_items(popular_scores, scores.user_items, config.n_popularity)
     parts.append(
         pd.DataFrame(

@@ -94,12 +94,37 @@ def ingest(
         raise typer.Exit(code=1)
 
 
+@app.command("build-bento")
+def build_bento(
+    bentofile: Annotated[Path, typer.Option(help="BentoML build file.")] = Path("bentofile.yaml"),
+) -> None:
+    """Build the Bento of the current champion, unless one was built for it already."""
+    import bentoml
+
+    from shoprec import registry
+
+    champion = registry.get_champion()
+    if champion is None:
+        console.print(
+            "[red]no champion in the BentoML model store; run 'shoprec train' first[/red]"
+        )
+        raise typer.Exit(code=1)
+    version = champion.tag.version
+    for bento in bentoml.bentos.list("shoprec"):
+        if bento.info.labels.get("champion") == version:
+            console.print(f"Bento {bento.tag} already holds champion {champion.tag}; not rebuilt")
+            return
+    bento = bentoml.bentos.build_bentofile(str(bentofile), labels={"champion": version})
+    console.print(f"built Bento {bento.tag} for champion {champion.tag}")
+
+
 def _register_optional_commands() -> None:
     """Add the commands of the training, pipeline-stage and monitoring modules."""
-    from shoprec import cli_train, stages
+    from shoprec import cli_monitor, cli_train, stages
 
     cli_train.register(app)
     stages.register(app)
+    cli_monitor.register(app)
 
 
 _register_optional_commands()

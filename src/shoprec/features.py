@@ -8,6 +8,8 @@ depends only on that user's history and the item, never on the other rows of the
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,11 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shoprec.candidates import SOURCES, CandidateModel, UserScores
 from shoprec.columns import Columns
+from shoprec.exceptions import ShoprecError
 from shoprec.interactions import slice_window
+from shoprec.user_candidates import UserCandidates
+from shoprec.user_history import UserHistory
 
 logger = logging.getLogger(__name__)
 
 DAY = pd.Timedelta(days=1)
+
+
+class FeaturesError(ShoprecError):
+    """Features cannot be built as the model expects."""
 
 
 class FeaturesConfig(BaseModel):
@@ -195,3 +204,197 @@ def attach_labels(features: pd.DataFrame, target: pd.DataFrame) -> pd.DataFrame:
     labelled = features.merge(counts, on=[Columns.USER_ID, Columns.ITEM_ID], how="left")
     labelled[Columns.LABEL] = labelled[Columns.LABEL].fillna(0).astype("int32")
     return labelled
+
+
+# Single-user path: the features above for one user's candidates, computed with numpy.
+# tests/test_user_features.py checks that it gives the batch path's model input.
+
+DAY_NS = float(DAY.value)
+
+
+@dataclass(frozen=True)
+class ItemLookup:
+    """Rows of the item table by item id; unknown items get a row of NaN."""
+
+    names: list[str]
+    values: np.ndarray
+    positions: dict[str, int]
+
+    @classmethod
+    def from_table(cls, item_table: pd.DataFrame) -> ItemLookup:
+        values = item_table.to_numpy(dtype=np.float32)
+        values = np.vstack([values, np.full((1, values.shape[1]), np.nan, dtype=np.float32)])
+        positions = {str(item): row for row, item in enumerate(item_table.index)}
+        return cls(list(item_table.columns), values, positions)
+
+    def rows(self, item_ids: np.ndarray) -> np.ndarray:
+        missing = len(self.values) - 1
+        return self.values[[self.positions.get(item, missing) for item in item_ids]]
+
+
+def _kahan_sums(values: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sum ``values`` per group in row order, skipping NaN, with the compensated summation
+    of pandas' group-by sum, so both paths give the same float64 bits."""
+    sums = [0.0] * n_groups
+    compensations = [0.0] * n_groups
+    for group, value in zip(groups.tolist(), values.tolist(), strict=True):
+        if value != value:
+            continue
+        y = value - compensations[group]
+        t = sums[group] + y
+        compensation = t - sums[group] - y
+        compensations[group] = 0.0 if compensation != compensation else compensation
+        sums[group] = t
+    return np.array(sums, dtype=np.float64)
+
+
+def _days(now_ns: int, ts: np.ndarray) -> np.ndarray:
+    return (now_ns - np.asarray(ts, dtype=np.int64)).astype(np.float64) / DAY_NS
+
+
+def _gap_features(days_first: np.ndarray, days_last: np.ndarray, orders: np.ndarray) -> tuple:
+    """Return (mean days between orders, days since last / mean gap) as the batch path does."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean_gap = np.where(orders > 1, (days_first - days_last) / (orders - 1), np.nan)
+        return mean_gap, days_last / mean_gap
+
+
+def user_feature_values(
+    history: UserHistory, now: pd.Timestamp, config: FeaturesConfig
+) -> dict[str, Any]:
+    """Return ``build_user_table``'s row for one user as scalars (user_country may be None)."""
+    now_ns = now.value
+    orders = len(set(history.order_ids.tolist()))
+    spend = _kahan_sums(history.quantity * history.price, np.zeros(len(history), np.intp), 1)[0]
+    days_last = _days(now_ns, [history.ts.max()])[0]
+    days_first = _days(now_ns, [history.ts.min()])[0]
+    mean_gap, due_ratio = _gap_features(
+        np.array([days_first]), np.array([days_last]), np.array([orders])
+    )
+    recent = history.ts >= (now - config.recent_days * DAY).value
+    countries = [c for c in history.country.tolist() if c is not None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {
+            "user_orders": orders,
+            "user_items": len(set(history.item_ids.tolist())),
+            "user_spend": spend,
+            "user_days_since_last": days_last,
+            "user_days_since_first": days_first,
+            "user_lines_per_order": np.float64(len(history)) / orders,
+            "user_mean_gap_days": mean_gap[0],
+            "user_due_ratio": due_ratio[0],
+            "user_spend_per_order": np.float64(spend) / orders,
+            "user_orders_recent": len(set(history.order_ids[recent].tolist())),
+            "user_country": countries[-1] if countries else None,
+        }
+
+
+def user_item_feature_values(
+    history: UserHistory, now: pd.Timestamp, decay_days: float
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Return (item ids, ``build_user_item_table`` columns) for one user's distinct items."""
+    now_ns = now.value
+    item_ids, item_codes = np.unique(history.item_ids.astype(str), return_inverse=True)
+    n_items = len(item_ids)
+    first_ts = np.full(n_items, np.iinfo(np.int64).max)
+    last_ts = np.full(n_items, np.iinfo(np.int64).min)
+    np.minimum.at(first_ts, item_codes, history.ts)
+    np.maximum.at(last_ts, item_codes, history.ts)
+    quantity = _kahan_sums(history.quantity, item_codes, n_items)
+
+    # One row per (item, order): the first in history order, as drop_duplicates keeps.
+    first: dict[tuple, int] = {}
+    for row, key in enumerate(zip(item_codes.tolist(), history.order_ids.tolist(), strict=True)):
+        first.setdefault(key, row)
+    first_rows = np.fromiter(first.values(), dtype=np.intp, count=len(first))
+    invoice_items = item_codes[first_rows]
+    orders = np.bincount(invoice_items, minlength=n_items)
+    age_days = _days(now_ns, history.ts[first_rows])
+    decayed = _kahan_sums(np.exp(-age_days / decay_days), invoice_items, n_items)
+    recent = np.bincount(invoice_items, weights=(age_days <= decay_days), minlength=n_items)
+
+    days_last = _days(now_ns, last_ts)
+    days_first = _days(now_ns, first_ts)
+    mean_gap, due_ratio = _gap_features(days_first, days_last, orders)
+    return item_ids.astype(object), {
+        "ui_orders": orders.astype(np.float64),
+        "ui_quantity": quantity,
+        "ui_days_since_last": days_last,
+        "ui_decayed_orders": decayed,
+        "ui_orders_recent": recent,
+        "ui_days_since_first": days_first,
+        "ui_mean_gap_days": mean_gap,
+        "ui_due_ratio": due_ratio,
+    }
+
+
+def build_user_features(
+    candidates: UserCandidates,
+    history: UserHistory,
+    scores: UserScores,
+    items: ItemLookup,
+    now: pd.Timestamp,
+    config: FeaturesConfig,
+) -> dict[str, Any]:
+    """Return ``build_features``'s columns for one user's candidates (arrays in candidate order).
+
+    ``scores`` must come from ``score_user`` on the same history.
+    """
+    n = len(candidates)
+    columns: dict[str, Any] = {}
+    for position, source in enumerate(SOURCES):
+        columns[f"rank_{source}"] = candidates.ranks[:, position]
+        columns[f"from_{source}"] = (~np.isnan(candidates.ranks[:, position])).astype(np.float32)
+    columns[Columns.SOURCE] = candidates.source
+
+    rows = np.zeros(n, dtype=np.intp)
+    # The inverse of the stable order by score is the rank that build_features computes.
+    als_rank = np.empty_like(scores.als, dtype=np.float32)
+    als_rank[0, np.argsort(-scores.als[0], kind="stable")] = np.arange(1, scores.als.shape[1] + 1)
+    columns["als_score"] = _gather(scores.als, rows, candidates.columns)
+    columns["als_rank"] = _gather(als_rank, rows, candidates.columns)
+    columns["knn_score"] = _gather(scores.knn, rows, candidates.columns)
+    columns["copurchase_score"] = _gather(scores.copurchase, rows, candidates.columns)
+
+    item_values = items.rows(candidates.item_ids)
+    for position, name in enumerate(items.names):
+        columns[name] = item_values[:, position]
+    user = user_feature_values(history, now, config)
+    for name, value in user.items():
+        columns[name] = np.full(n, value, dtype=object if name == "user_country" else None)
+
+    bought, per_item = user_item_feature_values(history, now, config.recent_days)
+    found = np.searchsorted(bought.astype(str), candidates.item_ids.astype(str))
+    found = np.minimum(found, max(len(bought) - 1, 0))
+    hit = bought[found] == candidates.item_ids if len(bought) else np.zeros(n, dtype=bool)
+    for name, values in per_item.items():
+        columns[name] = np.where(hit, values[found], np.nan)
+    columns["ui_orders"] = np.where(hit, columns["ui_orders"], 0.0)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        columns["ui_order_share"] = columns["ui_orders"] / user["user_orders"]
+        spend_per_item = np.float64(user["user_spend"]) / max(user["user_items"], 1)
+        columns["price_vs_user"] = columns["item_price"].astype(np.float64) / spend_per_item
+    return columns
+
+
+def feature_matrix(
+    columns: dict[str, Any], features: list[str], categories: dict[str, list[str]]
+) -> np.ndarray:
+    """Return the float32 model input of ``columns`` in ``features`` order, as ``to_matrix``."""
+    n = len(columns[Columns.SOURCE])
+    matrix = np.empty((n, len(features)), dtype=np.float32)
+    for position, name in enumerate(features):
+        if name not in columns:
+            raise FeaturesError(
+                f"feature column {name!r} missing from the single-user features; "
+                "retrain the bundle with this shoprec version"
+            )
+        if name in categories:
+            codes = {category: code for code, category in enumerate(categories[name])}
+            values, inverse = np.unique(np.asarray(columns[name]).astype(str), return_inverse=True)
+            mapped = np.array([codes.get(value, np.nan) for value in values], dtype=np.float32)
+            matrix[:, position] = mapped[inverse]
+        else:
+            matrix[:, position] = np.asarray(columns[name], dtype=np.float64)
+    return matrix
