@@ -110,7 +110,11 @@ def build_bento(
         )
         raise typer.Exit(code=1)
     version = champion.tag.version
-    for bento in bentoml.bentos.list("shoprec"):
+    try:
+        bentos = bentoml.bentos.list("shoprec")
+    except bentoml.exceptions.NotFound:
+        bentos = []
+    for bento in bentos:
         if bento.info.labels.get("champion") == version:
             console.print(f"Bento {bento.tag} already holds champion {champion.tag}; not rebuilt")
             return
