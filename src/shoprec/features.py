@@ -294,7 +294,7 @@ def user_item_feature_values(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Return (item ids, ``build_user_item_table`` columns) for one user's distinct items."""
     now_ns = now.value
-    item_ids, item_codes = np.unique(history.item_ids.astype(str), return_inverse=True)
+    item_ids, item_codes = history.items
     n_items = len(item_ids)
     first_ts = np.full(n_items, np.iinfo(np.int64).max)
     last_ts = np.full(n_items, np.iinfo(np.int64).min)

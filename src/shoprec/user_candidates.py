@@ -76,7 +76,7 @@ def score_user(
     """
     n_items = len(model.items)
     known = columns >= 0
-    order_ids, order_codes = _unique_codes(history.order_ids)
+    order_ids, order_codes = history.orders
     pairs = np.unique(columns[known].astype(np.int64) * (len(history) + 1) + order_codes[known])
     item_columns, weights = np.unique(pairs // (len(history) + 1), return_counts=True)
     user_items = _row(item_columns, weights, n_items)
@@ -109,8 +109,8 @@ def rank_user_past_items(history: UserHistory) -> tuple[np.ndarray, np.ndarray]:
 
     Returns (item_ids in rank order, ranks starting at 1), as ``rank_past_items`` ranks them.
     """
-    item_ids, item_codes = _unique_codes(history.item_ids)
-    _, order_codes = _unique_codes(history.order_ids)
+    item_ids, item_codes = history.items
+    order_codes = history.orders[1]
     pairs = np.unique(item_codes.astype(np.int64) * (len(history) + 1) + order_codes)
     weight = np.bincount(pairs // (len(history) + 1), minlength=len(item_ids))
     last_ts = np.full(len(item_ids), np.iinfo(np.int64).min)

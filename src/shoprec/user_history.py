@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -42,6 +43,16 @@ class UserHistory:
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    @cached_property
+    def items(self) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct item ids in sorted order, and each row's position among them."""
+        return np.unique(self.item_ids.astype(str), return_inverse=True)
+
+    @cached_property
+    def orders(self) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct order ids in sorted order, and each row's position among them."""
+        return np.unique(self.order_ids.astype(str), return_inverse=True)
 
     @classmethod
     def empty(cls, user_id: str) -> UserHistory:
