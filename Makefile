@@ -40,6 +40,7 @@ pipeline: install
 	$(BIN)/shoprec replay
 	$(BIN)/shoprec train
 	$(BIN)/shoprec evaluate
+	$(BIN)/shoprec status
 	@echo
 	@echo "Reports:"
 	@echo "  validation   reports/validation/ (GX Data Docs: reports/validation/data_docs/index.html)"

@@ -94,6 +94,25 @@ def ingest(
         raise typer.Exit(code=1)
 
 
+@app.command()
+def status() -> None:
+    """Print what the event store holds: files, row counts by outcome, data version."""
+    from shoprec.config import Settings
+    from shoprec.store import EventStore
+    from shoprec.summary import IngestSummary
+    from shoprec.versioning import data_version
+
+    settings = Settings()
+    store = EventStore(settings.data_dir, settings.staging_dir)
+    batches = sorted(store.manifest()["batches"].values(), key=lambda b: b["source_file"])
+    summary = IngestSummary(
+        files=[{"source_file": b["source_file"], **b["counts"]} for b in batches],
+        data_version=data_version(Path(f"{settings.data_dir}.dvc")),
+    )
+    summary.title = f"event store {settings.data_dir}"
+    console.print(summary.render_text())
+
+
 @app.command("build-bento")
 def build_bento(
     bentofile: Annotated[Path, typer.Option(help="BentoML build file.")] = Path("bentofile.yaml"),

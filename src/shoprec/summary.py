@@ -18,6 +18,7 @@ class IngestSummary:
     rejected: dict[str, str] = field(default_factory=dict)
     data_version: str | None = None
     previous_data_version: str | None = None
+    title: str = "ingest summary"
 
     def add(self, source_file: str, counts: dict[str, Any]) -> None:
         self.files.append({"source_file": source_file, **counts})
@@ -59,7 +60,7 @@ class IngestSummary:
 
     def table(self) -> Table:
         totals = self.totals()
-        table = Table(title="ingest summary")
+        table = Table(title=self.title)
         for name in ("files", "rows read", "stored", "quarantined", "duplicates", "conserved"):
             table.add_column(name, justify="right")
         table.add_row(
@@ -82,11 +83,13 @@ class IngestSummary:
                 console.print(f"quarantined by rule: {rules}")
             for name, reason in self.rejected.items():
                 console.print(f"rejected file {name}: {reason}")
-            if self.data_version:
+            if self.data_version and self.previous_data_version:
                 console.print(
                     f"data version (data.dvc md5): {self.data_version} "
                     f"(previous: {self.previous_data_version})"
                 )
+            elif self.data_version:
+                console.print(f"data version (data.dvc md5): {self.data_version}")
             elif self.files_committed == 0:
                 console.print("nothing new: the store and data.dvc are unchanged")
         return capture.get()
