@@ -105,6 +105,7 @@ def commit_batches(
     added: set[str] = set()
     try:
         for outcome in outcomes:
+            known.load_dates(outcome.batch.events["ts"].dt.strftime("%Y-%m-%d").unique())
             batch = finalize_batch(outcome.batch, known)
             new_ids = set(batch.events["event_id"])
             known.update(new_ids)

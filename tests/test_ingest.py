@@ -10,6 +10,7 @@ import pytest
 from shoprec.config import load_params
 from shoprec.ingest import IngestConfig, build_adapter, finalize_batch, process_file
 from shoprec.privacy import Pseudonymizer
+from shoprec.store import EventStore
 from shoprec.validate import ValidationConfig
 
 HEADER = "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country"
@@ -250,3 +251,19 @@ def test_rows_already_stored_count_as_duplicates(tmp_path, adapter, validation):
     assert batch.counts["stored"] == 2
     assert batch.counts["duplicates"] == 1
     assert batch.counts["already_stored"] == 1
+
+
+def test_corrected_file_adds_only_new_lines(tmp_path, adapter, validation):
+    store = EventStore(tmp_path / "data", tmp_path / "staging")
+    first = process_file(write_day(tmp_path, GOOD[:2]), adapter, validation)
+    store.commit([finalize_batch(first.batch, store.known_event_ids())])
+    corrected = process_file(write_day(tmp_path, GOOD), adapter, validation)
+    known = store.known_event_ids()
+
+    known.load_dates(["2010-12-01"])
+    batch = finalize_batch(corrected.batch, known)
+
+    assert batch.counts["stored"] == 1
+    assert batch.counts["already_stored"] == 2
+    assert batch.counts["rows_read"] == 3
+    assert len(known) == 2

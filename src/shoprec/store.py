@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,14 +94,30 @@ class BatchToCommit:
 
 
 class EventIdIndex:
-    """Set of stored event ids.
+    """Stored event ids, read one date partition at a time when first needed.
+
+    An event id hashes the source line, which holds the event's timestamp, so a line seen
+    before can only sit in the partition of its own date: deduplicating a batch needs the ids
+    of the dates it touches, not of the whole store.
 
     A plain class on purpose: Prefect walks lists, sets and dataclasses passed to a task to
     find upstream results, which for half a million ids took seconds per task call.
     """
 
-    def __init__(self, ids: Iterable[str] = ()) -> None:
+    def __init__(
+        self, ids: Iterable[str] = (), loader: Callable[[str], Iterable[str]] | None = None
+    ) -> None:
         self._ids: set[str] = set(ids)
+        self._loader = loader
+        self._loaded_dates: set[str] = set()
+
+    def load_dates(self, dates: Iterable[str]) -> None:
+        """Read the stored ids of these dates (YYYY-MM-DD) unless read already."""
+        if self._loader is None:
+            return
+        for date in sorted(set(dates) - self._loaded_dates):
+            self._ids.update(self._loader(date))
+            self._loaded_dates.add(date)
 
     def __contains__(self, event_id: object) -> bool:
         return event_id in self._ids
@@ -215,10 +231,22 @@ class EventStore:
         return pd.concat([pq.read_table(f).to_pandas() for f in sorted(files)], ignore_index=True)
 
     def known_event_ids(self) -> EventIdIndex:
-        """Return the ids of every committed event."""
-        if not self.event_files():
-            return EventIdIndex()
-        return EventIdIndex(self.read_events(columns=[C.EVENT_ID])[C.EVENT_ID])
+        """Return an index of committed event ids that reads each date when first needed."""
+        return EventIdIndex(loader=self.event_ids_on)
+
+    def event_ids_on(self, date: str) -> list[str]:
+        """Return the ids of the committed events of one date partition (YYYY-MM-DD)."""
+        prefix = f"{EVENTS_DIR}/date={date}/"
+        files = [
+            self.data_dir / name
+            for batch in self.manifest()["batches"].values()
+            for name in batch["event_files"]
+            if name.startswith(prefix)
+        ]
+        ids: list[str] = []
+        for path in files:
+            ids.extend(pq.read_table(path, columns=[C.EVENT_ID]).column(0).to_pylist())
+        return ids
 
     # -- recovery --------------------------------------------------------------------------
 
