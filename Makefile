@@ -32,13 +32,15 @@ install: $(STAMP)
 
 ## Main job: play the real year as the shop lived it. Ingest the days up to the replay cutoff,
 ## train and register the first champion, build the Bento, replay every later day (ingest,
-## monitor, retrain when the rule fires), then evaluate on the full store with the fixed protocol.
+## monitor, retrain when the rule fires), then train and evaluate on the full store with the
+## fixed protocol and build the Bento of the final champion.
 pipeline: install
 	$(BIN)/shoprec ingest --until $(REPLAY_CUTOFF)
 	$(BIN)/shoprec train
 	$(BIN)/shoprec build-bento
 	$(BIN)/shoprec replay
 	$(BIN)/shoprec train
+	$(BIN)/shoprec build-bento
 	$(BIN)/shoprec evaluate
 	$(BIN)/shoprec status
 	@echo
