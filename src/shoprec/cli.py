@@ -135,7 +135,7 @@ def build_bento(
         bentos = []
     for bento in bentos:
         if bento.info.labels.get("champion") == version:
-            console.print(f"Bento {bento.tag} already holds champion {champion.tag}; not rebuilt")
+            console.print(f"Bento {bento.tag} already contains champion {champion.tag}")
             return
     bento = bentoml.bentos.build_bentofile(str(bentofile), labels={"champion": version})
     console.print(f"built Bento {bento.tag} for champion {champion.tag}")

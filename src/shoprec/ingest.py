@@ -41,7 +41,7 @@ SOURCE_FILE = "_source_file"
 
 
 class IngestConfig(BaseModel):
-    """Where landing files come from and how to read them (params.yaml: ingest)."""
+    """Source adapter and landing-file settings (params.yaml: ingest)."""
 
     source: str = "online_retail"
     file_pattern: str = "*.csv"

@@ -26,7 +26,7 @@ MIN_KEY_BYTES = 16
 def load_or_create_key(key: str | None, key_file: Path) -> bytes:
     """Return the pseudonymization key from `key`, else from `key_file`.
 
-    When neither holds a key, a random one is written to `key_file` (mode 0600)
+    When neither contains a key, a random one is written to `key_file` (mode 0600)
     with a warning: it must be kept, because losing it changes every pseudonym.
     """
     if key:
@@ -43,7 +43,7 @@ def load_or_create_key(key: str | None, key_file: Path) -> bytes:
         stored = key_file.read_text(encoding="utf-8").strip()
         if len(stored) < MIN_KEY_BYTES:
             raise ConfigError(
-                f"key file {key_file} holds {len(stored)} characters; expected at least "
+                f"key file {key_file} contains {len(stored)} characters; expected at least "
                 f"{MIN_KEY_BYTES}. Delete it to generate a new key (this changes every pseudonym)."
             )
         return stored.encode("utf-8")

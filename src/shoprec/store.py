@@ -96,7 +96,7 @@ class BatchToCommit:
 class EventIdIndex:
     """Stored event ids, read one date partition at a time when first needed.
 
-    An event id hashes the source line, which holds the event's timestamp, so a line seen
+    An event id hashes the source line, which contains the event's timestamp, so a line seen
     before can only sit in the partition of its own date: deduplicating a batch needs the ids
     of the dates it touches, not of the whole store.
 

@@ -42,7 +42,7 @@ class ValidationConfig(BaseModel):
 
 @dataclass
 class ValidationOutcome:
-    """What GX found in one batch."""
+    """Result of one GX validation run, mapped to rows."""
 
     success: bool
     row_rules: pd.Series  # per row: "rule1; rule2", or None for a valid row

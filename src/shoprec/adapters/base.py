@@ -1,4 +1,4 @@
-"""What every source adapter returns, and the parsing helpers they share.
+"""The batch type every source adapter returns, and the parsing helpers they share.
 
 An adapter turns one landing file into a `SourceBatch`: canonical event
 columns (typed, possibly with nulls where a value could not be parsed), plus
@@ -72,7 +72,7 @@ class JsonRowRedactor:
 class SourceBatch:
     """One landing file after parsing and normalization, before validation.
 
-    ``events[SOURCE_LINE]`` holds the raw source line, which may contain a raw
+    ``events[SOURCE_LINE]`` contains the raw source line, which may contain a raw
     customer id: it is never written. Quarantine stores ``redact(line)`` instead.
     """
 

@@ -1,7 +1,7 @@
 """Adapter for any CSV or Parquet event log described by a column mapping.
 
 Another shop's export is configuration, not code: ``params.yaml`` maps each
-canonical column to the source column that holds it (ingest.generic.columns).
+canonical column to the source column that contains it (ingest.generic.columns).
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class OnlineRetailConfig(BaseModel):
 
 
 def file_day(path: Path) -> pd.Timestamp | None:
-    """Return the trading day a landing file is named after, if its name holds one."""
+    """Return the trading day a landing file is named after, if its name contains one."""
     match = FILE_DAY_PATTERN.search(path.name)
     if match is None:
         return None
