@@ -4,9 +4,10 @@ Run locally (no Prefect server needed)::
 
     shoprec ingest                      # or: python -m flows.ingest
 
-Each landing file is parsed and validated by its own task on the flow's task
-runner; batches are then committed to the store one at a time, in file order,
-and the store gets a new DVC version when it changed.
+Each landing file is parsed by its own task on the flow's task runner. Groups of
+``ingest.files_per_commit`` files are then validated by one GX run and committed
+as one store transaction, in file order. The store gets a new DVC version when it
+changed.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from shoprec.adapters.online_retail import file_day
 from shoprec.config import Settings, load_params
 from shoprec.ingest import (
     FileOutcome,
@@ -51,7 +53,10 @@ def _retry_on_io_error(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect
 def find_pending_files(
     landing_dir: Path, pattern: str, ingested: dict[str, str], until: date | None = None
 ) -> list[Path]:
-    """Return landing files not ingested yet (new name or changed content), oldest first."""
+    """Return landing files not ingested yet (new name or changed content), oldest first.
+
+    `until` skips files named after a later day; a file whose name has no date is kept.
+    """
     if not landing_dir.is_dir():
         raise FileNotFoundError(
             f"landing folder {landing_dir} not found; set SHOPREC_LANDING_DIR to the folder "
@@ -59,7 +64,8 @@ def find_pending_files(
         )
     pending = []
     for path in sorted(landing_dir.glob(pattern)):
-        if until is not None and path.stem[:10] > until.isoformat():
+        day = file_day(path)
+        if until is not None and day is not None and day.date() > until:
             continue
         known = ingested.get(path.name)
         if known is not None and known == hashlib.sha256(path.read_bytes()).hexdigest():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 
 import pandas as pd
@@ -267,3 +268,14 @@ def test_corrected_file_adds_only_new_lines(tmp_path, adapter, validation):
     assert batch.counts["already_stored"] == 2
     assert batch.counts["rows_read"] == 3
     assert len(known) == 2
+
+
+def test_pending_files_filter_dated_names_only(tmp_path):
+    from flows.ingest import find_pending_files
+
+    for name in ("2011-03-04.csv", "2011-03-06.csv", "export.csv"):
+        (tmp_path / name).write_text(HEADER + "\n")
+
+    pending = find_pending_files(tmp_path, "*.csv", {}, until=date(2011, 3, 5))
+
+    assert [p.name for p in pending] == ["2011-03-04.csv", "export.csv"]

@@ -16,7 +16,8 @@ def test_pseudonym_is_stable_and_keyed():
 
     assert first == Pseudonymizer(b"k" * 32).user_id("17850")
     assert first != Pseudonymizer(b"j" * 32).user_id("17850")
-    assert first.startswith("u") and len(first) == 17
+    assert first.startswith("u")
+    assert len(first) == 17
     assert "17850" not in first
 
 

@@ -7,9 +7,9 @@ Layout::
     data/catalogue.parquet                          item_id, description, price, seen dates
     data/quarantine/<batch_id>.parquet              rejected rows with the rule they broke
 
-A batch is committed in steps that a crash can interrupt anywhere: every file
-is first written to a staging folder, new event and quarantine files get
-names no reader uses until the manifest lists them, and replacing
+A batch is committed in steps, and a crash can interrupt any of them. Every file
+is first written to a staging folder. New event and quarantine files get
+names that no reader uses until the manifest lists them, and replacing
 ``manifest.json`` (one atomic rename) is the commit point. ``recover`` runs
 before every ingest: it deletes what an interrupted batch left before its
 commit point and finishes the catalogue of a batch that passed it.
@@ -96,9 +96,9 @@ class BatchToCommit:
 class EventIdIndex:
     """Stored event ids, read one date partition at a time when first needed.
 
-    An event id hashes the source line, which contains the event's timestamp, so a line seen
-    before can only sit in the partition of its own date: deduplicating a batch needs the ids
-    of the dates it touches, not of the whole store.
+    An event id hashes the source line, which contains the event's timestamp. A line seen
+    before can therefore only be in the partition of its own date, so deduplicating a batch
+    needs the ids of the dates it touches, not of the whole store.
 
     A plain class on purpose: Prefect walks lists, sets and dataclasses passed to a task to
     find upstream results, which for half a million ids took seconds per task call.

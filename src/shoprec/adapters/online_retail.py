@@ -1,8 +1,8 @@
 """Adapter for the UCI Online Retail daily exports (one CSV per trading day).
 
 Facts of this source that the adapter relies on:
-- ``CustomerID`` is exported as a float (``17850.0``) and is empty for shoppers
-  who did not log in; those lines are real purchases without a user.
+- ``CustomerID`` is exported as a float (``17850.0``). It is empty for shoppers
+  who did not log in, and those lines are real purchases without a user.
 - An ``InvoiceNo`` starting with ``C`` is a cancellation: its quantity is
   negative and it becomes a ``return`` event with the positive quantity.
 - ``InvoiceDate`` is UK local time in ``%Y-%m-%d %H:%M:%S``.
