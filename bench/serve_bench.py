@@ -234,7 +234,7 @@ def event_delay(
             results.append(
                 {
                     "item_id": item,
-                    # The next answer differs from the cold-start one: the event was read.
+                    # The next response differs from the cold-start one, so the event was read.
                     "event_read_on_next_request": not first["cold_start"]
                     and first["items"] != before["items"],
                     "visible": visible,

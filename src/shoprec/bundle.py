@@ -22,7 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from shoprec.candidates import CandidateModel, CandidatesConfig, FoldIn, popularity_scores
-from shoprec.columns import Columns
+from shoprec.columns import EVENT_COLUMNS, Columns
 from shoprec.exceptions import ShoprecError
 from shoprec.features import FeaturesConfig, ItemLookup, build_user_features, feature_matrix
 from shoprec.interactions import IdMap
@@ -47,16 +47,7 @@ class UnknownItemError(BundleError):
 
 
 # Columns of the training purchases kept in the bundle for known users' history.
-HISTORY_COLUMNS = [
-    Columns.USER_ID,
-    Columns.ITEM_ID,
-    Columns.EVENT_TYPE,
-    Columns.QUANTITY,
-    Columns.PRICE,
-    Columns.TS,
-    Columns.ORDER_ID,
-    Columns.COUNTRY,
-]
+HISTORY_COLUMNS = [c for c in EVENT_COLUMNS if c not in (Columns.EVENT_ID, Columns.BATCH_ID)]
 
 
 def save_candidate_model(model: CandidateModel, directory: Path) -> Path:
