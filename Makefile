@@ -20,7 +20,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 # Last day of the first training set: the replay starts the day after (params.yaml: replay.cutoff).
 REPLAY_CUTOFF = $(shell $(BIN)/python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['replay']['cutoff'])")
 
-.PHONY: install pipeline ingest test test-fast lint bench clean-data
+.PHONY: install redis pipeline ingest test test-fast lint bench clean-data
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## redis-server for the Redis tests (Debian package); the tests start it on loopback themselves.
+redis:
+	scripts/install-redis.sh
 
 ## Main job: play the real year as the shop lived it. Ingest the days up to the replay cutoff,
 ## train and register the first champion, build the Bento, replay every later day (ingest,
@@ -54,8 +58,8 @@ pipeline: install
 ingest: install
 	$(BIN)/shoprec ingest
 
-## Every test, integration tests with real Prefect, GX, DVC and BentoML included.
-test: install
+## Every test, integration tests with real Prefect, GX, DVC, BentoML and Redis included.
+test: install redis
 	$(BIN)/python -m pytest
 
 ## Unit tests only (no real services, no real data).

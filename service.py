@@ -17,7 +17,7 @@ from typing import Any
 import bentoml
 from starlette.responses import JSONResponse, RedirectResponse
 
-from shoprec.online_store import OnlineStoreError
+from shoprec.online_store import OnlineStoreUnavailableError
 from shoprec.serving import (
     Recommender,
     ServingSettings,
@@ -150,6 +150,7 @@ class Shoprec:
             logger.warning("SHOPREC_INSECURE_LOCAL=1: /events and /reload accept any caller")
         tag = str(self.champion.tag)
         self.recommender = Recommender.from_settings(self.settings, load_bundle(tag), tag)
+        self.recommender.start_polling()
 
     def __is_ready__(self) -> bool:
         return self.recommender.is_ready()
@@ -170,11 +171,9 @@ class Shoprec:
     @bentoml.api(route="/recommend")
     def recommend(self, request: RecommendRequest, /) -> RecommendResponse:
         """Return the top-k items for a shopper, using the events recorded for them."""
-        try:
-            return self.recommender.recommend(request)
-        except OnlineStoreError as error:
-            logger.error("Online store failed during /recommend: %s", error)
-            return error_response(503, "online store unavailable; retry later")
+        # Without the online store this answers from the model's stored history, flagged
+        # `degraded` in the response and counted in /metrics.
+        return self.recommender.recommend(request)
 
     @bentoml.api(route="/similar-items")
     def similar_items(self, request: SimilarItemsRequest, /) -> SimilarItemsResponse:
@@ -192,10 +191,13 @@ class Shoprec:
             return denied
         try:
             return self.recommender.record_events(request)
-        except OnlineStoreError as error:
+        except OnlineStoreUnavailableError as error:
             logger.error("Online store failed during /events: %s", error)
             return error_response(
-                503, "online store unavailable; events not recorded, retry", ctx=ctx
+                503,
+                "online store unavailable; the events were not recorded, retry in a second",
+                {"Retry-After": "1"},
+                ctx=ctx,
             )
 
     @bentoml.api(route="/reload")
@@ -204,8 +206,8 @@ class Shoprec:
         denied = self._authorize(ctx)
         if denied is not None:
             return denied
-        # NOTE: only the worker that handles this request reloads. The service runs one worker
-        # (the BentoML default); with more workers, restart the service to change the model.
+        # Only the worker that handles this request reloads now; every other worker picks up
+        # the champion at its next poll (serving.reload_poll_seconds in params.yaml).
         return self.recommender.reload()
 
 

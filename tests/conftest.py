@@ -37,3 +37,16 @@ def landing_dir() -> Path:
     if not LANDING_DIR.is_dir():
         pytest.fail(f"real landing files not found at {LANDING_DIR}; set SHOPREC_TEST_LANDING_DIR")
     return LANDING_DIR
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A real redis-server on a free loopback port, one per test module."""
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -222,9 +222,10 @@ def wait_until_ready(url: str, process: subprocess.Popen, log_file: Path) -> Non
     )
 
 
-@contextmanager
-def bentoml_serve(target: str, env: dict[str, str], log_file: Path, cwd: Path) -> Iterator[str]:
-    """Run `bentoml serve target` on a free loopback port; yield its base URL, then stop it."""
+def start_serve(
+    target: str, env: dict[str, str], log_file: Path, cwd: Path
+) -> tuple[subprocess.Popen, str]:
+    """Start `bentoml serve target` on a free loopback port; return the process and base URL."""
     port = free_port()
     with log_file.open("w") as log:
         process = subprocess.Popen(
@@ -238,14 +239,26 @@ def bentoml_serve(target: str, env: dict[str, str], log_file: Path, cwd: Path) -
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop_serve(process: subprocess.Popen) -> None:
+    """Stop a server started by `start_serve` and all its workers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@contextmanager
+def bentoml_serve(target: str, env: dict[str, str], log_file: Path, cwd: Path) -> Iterator[str]:
+    """Run `bentoml serve target` on a free loopback port; yield its base URL, then stop it."""
+    process, url = start_serve(target, env, log_file, cwd)
     try:
         wait_until_ready(url, process, log_file)
         yield url
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        stop_serve(process)

@@ -163,3 +163,32 @@ def test_cached_scores_equal_fresh_scores(bundle, purchases):
     assert narrowed["item_id"].tolist() == expected["item_id"].iloc[1:].tolist()
     pd.testing.assert_frame_equal(widened, expected)
     pd.testing.assert_frame_equal(repeated, expected)
+
+
+def test_online_history_scores_are_cached_until_a_new_event(bundle, purchases):
+    def purchase(item: str, day: str) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "user_id": ["u21"],
+                "item_id": [item],
+                "event_type": ["purchase"],
+                "quantity": [1],
+                "price": [None],
+                "ts": [pd.Timestamp(day, tz="UTC")],
+                "order_id": [None],
+            }
+        )
+
+    online = dataclasses.replace(bundle)  # an empty score cache of its own
+    one = purchase("i14", "2011-03-05")
+    two = pd.concat([one, purchase("i3", "2011-03-06")], ignore_index=True)
+
+    first = online.recommend(one, k=5, user_id="u21")
+    assert len(online.prepare_online().scores._entries) == 1
+    again = online.recommend(one.copy(), k=5, user_id="u21")
+    assert len(online.prepare_online().scores._entries) == 1  # served from the cache
+    after_event = online.recommend(two, k=5, user_id="u21")
+
+    pd.testing.assert_frame_equal(again, first)
+    assert len(online.prepare_online().scores._entries) == 2
+    pd.testing.assert_frame_equal(after_event, bundle.recommend(two, k=5, user_id="u21"))

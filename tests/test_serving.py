@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ from pydantic import SecretStr, ValidationError
 from shoprec.bundle import ModelBundle
 from shoprec.bundle import UnknownItemError as BundleUnknownItemError
 from shoprec.columns import Columns
-from shoprec.online_store import SQLiteOnlineStore
+from shoprec.online_store import OnlineStoreUnavailableError, SQLiteOnlineStore
 from shoprec.privacy import Pseudonymizer
 from shoprec.serving import (
     Recommender,
@@ -304,6 +305,42 @@ def test_reload_swaps_champion(store, metrics: ServingMetrics) -> None:
     assert again.detail == "already serving champion"
 
 
+def test_polling_picks_up_new_champion(store, metrics: ServingMetrics) -> None:
+    config = ServingConfig(reload_poll_seconds=0.05)
+    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
+    champion = {"tag": "shoprec:v1"}
+    recommender = Recommender(
+        model,
+        store,
+        Pseudonymizer(KEY),
+        config,
+        metrics,
+        find_champion=lambda: champion["tag"],
+        load_model=lambda tag: StubBundle(tag),
+    )
+    thread = recommender.start_polling()
+    try:
+        champion["tag"] = "shoprec:v2"
+        deadline = time.monotonic() + 5
+        while recommender.model_version != "shoprec:v2" and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        recommender.stop_polling()
+    thread.join(timeout=2)
+
+    assert recommender.model_version == "shoprec:v2"
+    assert not thread.is_alive()
+    assert sample(metrics, "shoprec_model_reloads_total", outcome="reloaded") == 1.0
+
+
+def test_polling_off_when_interval_is_zero(store, metrics: ServingMetrics) -> None:
+    config = ServingConfig(reload_poll_seconds=0)
+    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
+    recommender = Recommender(model, store, Pseudonymizer(KEY), config, metrics)
+
+    assert recommender.start_polling() is None
+
+
 def test_reload_failure_keeps_model(store, metrics: ServingMetrics, caplog) -> None:
     def broken_load(tag: str) -> StubBundle:
         raise OSError(f"bundle files of {tag} missing")
@@ -495,3 +532,41 @@ def test_events_request_validation_names_field(events, location, message) -> Non
         EventsRequest.model_validate({"user_id": "u", "events": events})
 
     assert caught.value.errors()[0]["loc"] == location
+
+
+class DownStore(SQLiteOnlineStore):
+    """A store whose backend has gone away, as a stopped Redis looks to the recommender."""
+
+    def recent_events(self, user_id: str, limit: int) -> pd.DataFrame:
+        raise OnlineStoreUnavailableError("reading events from Redis at 127.0.0.1:1 failed")
+
+    def append_events(self, user_id: str, events) -> int:
+        raise OnlineStoreUnavailableError("writing events to Redis at 127.0.0.1:1 failed")
+
+
+def test_store_outage_degrades_recommend_and_fails_events(
+    tmp_path: Path, metrics: ServingMetrics
+) -> None:
+    config = ServingConfig()
+    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
+    store = DownStore(tmp_path / "online.sqlite")
+    recommender = Recommender(model, store, Pseudonymizer(KEY), config, metrics)
+
+    response = recommender.recommend(RecommendRequest(user_id="shopper-1", k=2))
+
+    assert response.degraded is True
+    assert response.degraded_reason == "online store unavailable"
+    assert len(response.items) == 2
+    assert (
+        sample(metrics, "shoprec_degraded_responses_total", reason="online_store_unavailable") == 1
+    )
+    assert sample(metrics, "shoprec_online_store_errors_total", operation="read") == 1
+    with pytest.raises(OnlineStoreUnavailableError, match="writing events to Redis"):
+        recommender.record_events(
+            EventsRequest(
+                user_id="shopper-1", events=[ShopperEvent(item_id="A", event_type="view")]
+            )
+        )
+    assert sample(metrics, "shoprec_online_store_errors_total", operation="write") == 1
+    assert recommender.is_ready() is True
+    store.close()

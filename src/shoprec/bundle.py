@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,12 +97,25 @@ class ScoredCandidates:
     source: np.ndarray
     score: np.ndarray
 
-    def keep(self, exclude: set[str]) -> np.ndarray:
+    def keep(self, exclude: AbstractSet[str]) -> np.ndarray:
         return np.array([item not in exclude for item in self.item_ids], dtype=bool)
 
 
+def _fingerprint(history: UserHistory, stored_only: bool) -> tuple | None:
+    """Return every row of ``history`` as one hashable key; None stands for the training rows."""
+    if stored_only:
+        return None
+    return (
+        tuple(history.item_ids.tolist()),
+        tuple(history.order_ids.tolist()),
+        history.ts.tobytes(),
+        history.quantity.tobytes(),
+        history.price.tobytes(),
+    )
+
+
 class ScoreCache:
-    """Least recently used scores of users whose history is only their training purchases."""
+    """Least recently used candidate scores, keyed by user, variant, time and history."""
 
     def __init__(self, max_users: int) -> None:
         self.max_users = max_users
@@ -132,6 +146,8 @@ class OnlineTables:
     popular: np.ndarray
     fold_in: FoldIn
     scores: ScoreCache
+    popular_ids: np.ndarray
+    popular_counts: np.ndarray
 
 
 @dataclass
@@ -218,7 +234,7 @@ class ModelBundle:
         user_history: pd.DataFrame,
         k: int,
         context_items: list[str] | None = None,
-        exclude_items: set[str] | None = None,
+        exclude_items: AbstractSet[str] | None = None,
         exclude_purchased: bool = False,
         now: pd.Timestamp | None = None,
         user_id: str | None = None,
@@ -235,7 +251,9 @@ class ModelBundle:
             raise BundleError(f"k must be positive, got {k}")
         context = [str(item) for item in context_items or ()]
         # Context items are already in the cart, so they are never recommended back.
-        exclude = set(exclude_items or ()) | set(context)
+        exclude: AbstractSet[str] = exclude_items if exclude_items is not None else frozenset()
+        if context:
+            exclude = set(exclude) | set(context)
         online = self.prepare_online()
         history, stored_only = self._user_history(user_history, context, now, user_id)
         if now is None:
@@ -245,17 +263,17 @@ class ModelBundle:
         if len(history) == 0:
             return self._popular(k, exclude)
 
-        # A user with only training purchases always gets the same scores for the same `now`.
-        key = (history.user_id, exclude_purchased, now.value) if stored_only else None
-        scored = online.scores.get(key) if key is not None else None
+        # The same history always gets the same scores for the same `now`. A new online event
+        # or another cart changes the history, hence the key, so no stale entry is ever read.
+        key = (history.user_id, exclude_purchased, now.value, _fingerprint(history, stored_only))
+        scored = online.scores.get(key)
         keep = scored.keep(exclude) if scored is not None else None
         if scored is None or np.isnan(scored.score[keep]).any():
             scored = self._score(history, exclude, exclude_purchased, now)
             keep = scored.keep(exclude)
-            if key is not None:
-                online.scores.put(key, scored)
+            online.scores.put(key, scored)
         if not keep.any():
-            return self._popular(k, exclude | set(history.item_ids.tolist()))
+            return self._popular(k, set(exclude) | set(history.item_ids.tolist()))
 
         rows = np.flatnonzero(keep)
         top = rows[np.lexsort((rows, -scored.score[rows]))[:k]]
@@ -269,7 +287,11 @@ class ModelBundle:
         )
 
     def _score(
-        self, history: UserHistory, exclude: set[str], exclude_purchased: bool, now: pd.Timestamp
+        self,
+        history: UserHistory,
+        exclude: AbstractSet[str],
+        exclude_purchased: bool,
+        now: pd.Timestamp,
     ) -> ScoredCandidates:
         """Generate the user's candidates and score those not in ``exclude`` (others get NaN)."""
         online = self.prepare_online()
@@ -300,6 +322,8 @@ class ModelBundle:
                 popular=popularity_scores(self.candidate_model),
                 fold_in=FoldIn(self.candidate_model.item_factors, self.candidate_model.config),
                 scores=ScoreCache(SCORE_CACHE_USERS),
+                popular_ids=self.candidate_model.popular.index.astype(str).to_numpy(dtype=object),
+                popular_counts=self.candidate_model.popular.to_numpy(dtype=float),
             )
             logger.debug("online tables built in %.2fs", time.perf_counter() - started)
         return self._online
@@ -350,11 +374,11 @@ class ModelBundle:
         prices = self.item_table["item_price"].reindex(context_items).fillna(1.0).to_numpy()
         return history.append(context_purchases(context_items, prices, ts, user_id)), False
 
-    def _popular(self, k: int, exclude: set[str]) -> pd.DataFrame:
-        popular = self.candidate_model.popular
+    def _popular(self, k: int, exclude: AbstractSet[str]) -> pd.DataFrame:
+        online = self.prepare_online()
         # Walk the list in order and stop at k, so a large exclude set costs nothing extra.
         rows = []
-        for row, item in enumerate(popular.index.astype(str)):
+        for row, item in enumerate(online.popular_ids):
             if len(rows) == k:
                 break
             if item not in exclude:
@@ -362,8 +386,8 @@ class ModelBundle:
         logger.debug("cold start: returning %d popular items", len(rows))
         return pd.DataFrame(
             {
-                Columns.ITEM_ID: popular.index.astype(str)[rows],
-                Columns.SCORE: popular.to_numpy(dtype=float)[rows],
+                Columns.ITEM_ID: online.popular_ids[rows],
+                Columns.SCORE: online.popular_counts[rows],
                 Columns.RANK: np.arange(1, len(rows) + 1),
                 Columns.SOURCE: "popularity",
             }

@@ -9,17 +9,20 @@ user stays bounded. User ids reaching this module are pseudonyms already.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from shoprec.columns import EVENT_COLUMNS, EVENT_TYPES, Columns
@@ -32,10 +35,18 @@ DEFAULT_MAX_EVENTS_PER_USER = 200
 ONLINE_BATCH_ID = "online"
 SQLITE_BUSY_TIMEOUT_MS = 5000
 REDIS_KEY_PREFIX = "shoprec:events:"
+# Redis responds in well under a millisecond on a LAN, so half a second means it is down.
+REDIS_SOCKET_TIMEOUT_S = 0.5
+# After a failed call, calls fail at once for this long instead of each waiting on Redis.
+REDIS_BACKOFF_S = 1.0
 
 
 class OnlineStoreError(ShoprecError):
     """An online event is invalid or the online store cannot be reached."""
+
+
+class OnlineStoreUnavailableError(OnlineStoreError):
+    """The online store's backend did not respond (server down, timed out, locked file)."""
 
 
 class OnlineStore(ABC):
@@ -104,15 +115,60 @@ def normalize_event(user_id: str, event: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def events_frame(rows: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
-    """Build a canonical event DataFrame (EVENT_COLUMNS, canonical dtypes) from stored rows."""
-    frame = pd.DataFrame(list(rows), columns=list(EVENT_COLUMNS))
-    frame[Columns.QUANTITY] = frame[Columns.QUANTITY].astype("int64")
-    frame[Columns.PRICE] = pd.to_numeric(frame[Columns.PRICE], errors="coerce").astype("float64")
-    frame[Columns.TS] = pd.to_datetime(frame[Columns.TS].astype("int64"), unit="ns", utc=True)
-    for column in (Columns.ORDER_ID, Columns.COUNTRY):
-        frame[column] = pd.Series([None] * len(frame), index=frame.index, dtype="object")
-    frame[Columns.BATCH_ID] = ONLINE_BATCH_ID
-    return frame.sort_values(Columns.TS, kind="stable").reset_index(drop=True)
+    """Build a canonical event DataFrame (EVENT_COLUMNS, canonical dtypes) from stored rows.
+
+    Rows are expected oldest first, as both backends return them; the sort only breaks ties
+    of equal timestamps by arrival. The frame is built column by column from numpy arrays,
+    because this runs on every recommendation.
+    """
+    n = len(rows)
+    if n == 0:
+        return _empty_frame().copy()
+    column = {name: [row[name] for row in rows] for name in _STORED_COLUMNS}
+    frame = pd.DataFrame(
+        {
+            Columns.EVENT_ID: np.array(column[Columns.EVENT_ID], dtype=object),
+            Columns.USER_ID: np.array(column[Columns.USER_ID], dtype=object),
+            Columns.ITEM_ID: np.array(column[Columns.ITEM_ID], dtype=object),
+            Columns.EVENT_TYPE: np.array(column[Columns.EVENT_TYPE], dtype=object),
+            Columns.QUANTITY: np.array(column[Columns.QUANTITY], dtype=np.int64),
+            Columns.PRICE: np.array(
+                [np.nan if price is None else price for price in column[Columns.PRICE]],
+                dtype=np.float64,
+            ),
+            Columns.TS: pd.DatetimeIndex(
+                np.array(column[Columns.TS], dtype=np.int64).view("datetime64[ns]"), tz="UTC"
+            ),
+            Columns.ORDER_ID: np.full(n, None, dtype=object),
+            Columns.COUNTRY: np.full(n, None, dtype=object),
+            Columns.BATCH_ID: np.full(n, ONLINE_BATCH_ID, dtype=object),
+        },
+        columns=list(EVENT_COLUMNS),
+    )
+    ts = frame[Columns.TS].to_numpy()
+    if n > 1 and (ts[1:] < ts[:-1]).any():
+        frame = frame.sort_values(Columns.TS, kind="stable").reset_index(drop=True)
+    return frame
+
+
+@functools.cache
+def _empty_frame() -> pd.DataFrame:
+    # Built once: most shoppers have no online events, and building a frame costs ~0.5 ms.
+    template = {name: "" for name in _STORED_COLUMNS} | {
+        Columns.QUANTITY: 1,
+        Columns.PRICE: None,
+        Columns.TS: 0,
+    }
+    frame = events_frame([template])
+    return frame.iloc[0:0].reset_index(drop=True)
+
+
+# The columns an online event carries; the others are the same for every online event.
+_STORED_COLUMNS = tuple(
+    name
+    for name in EVENT_COLUMNS
+    if name not in (Columns.ORDER_ID, Columns.COUNTRY, Columns.BATCH_ID)
+)
 
 
 _SCHEMA = """
@@ -213,7 +269,7 @@ class SQLiteOnlineStore(OnlineStore):
         except sqlite3.Error as error:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            raise OnlineStoreError(
+            raise OnlineStoreUnavailableError(
                 f"writing {len(rows)} events to {self.path} failed: {error}"
             ) from error
         return len(rows)
@@ -224,7 +280,9 @@ class SQLiteOnlineStore(OnlineStore):
             names = [column[0] for column in cursor.description]
             rows = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
         except sqlite3.Error as error:
-            raise OnlineStoreError(f"reading events from {self.path} failed: {error}") from error
+            raise OnlineStoreUnavailableError(
+                f"reading events from {self.path} failed: {error}"
+            ) from error
         return events_frame(rows)
 
     def ping(self) -> bool:
@@ -243,51 +301,103 @@ class SQLiteOnlineStore(OnlineStore):
 
 
 class RedisOnlineStore(OnlineStore):
-    """Online store in Redis: one list of JSON events per user, capped with LTRIM."""
+    """Online store in Redis: one list of JSON events per user, capped with LTRIM.
+
+    Calls fail fast when Redis is down: short socket timeouts, one retry, and after a failure
+    no call goes to Redis for `backoff_seconds`, so a request in that window gets
+    OnlineStoreUnavailableError at once instead of waiting on a dead connection. The first call
+    after the window tries again, so the store recovers by itself when Redis returns.
+    """
 
     def __init__(
         self,
         url: str,
         max_events_per_user: int = DEFAULT_MAX_EVENTS_PER_USER,
         key_prefix: str = REDIS_KEY_PREFIX,
+        socket_timeout: float = REDIS_SOCKET_TIMEOUT_S,
+        backoff_seconds: float = REDIS_BACKOFF_S,
     ) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         super().__init__(max_events_per_user)
         self.key_prefix = key_prefix
-        self._client = redis.Redis.from_url(url, decode_responses=True)
+        self.backoff_seconds = backoff_seconds
+        self._client = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 1),
+        )
         self._redis_error = redis.RedisError
+        self._down_until = 0.0
+        self._failed_at = 0.0
+        self._last_error = ""
+        # The URL may carry a password: log only where it points.
+        where = self._client.connection_pool.connection_kwargs
+        self.address = f"{where.get('host', where.get('path', '?'))}:{where.get('port', '')}"
+        logger.info(
+            "Redis online store at %s (max %d events per user)", self.address, max_events_per_user
+        )
 
     def _key(self, user_id: str) -> str:
         return self.key_prefix + user_id
+
+    def _call(self, action: str, call: Callable[[], Any]) -> Any:
+        now = time.monotonic()
+        if now < self._down_until:
+            raise OnlineStoreUnavailableError(
+                f"{action} Redis at {self.address} skipped: it failed "
+                f"{now - self._failed_at:.1f} s ago ({self._last_error}); "
+                f"next try in {self._down_until - now:.1f} s"
+            )
+        try:
+            result = call()
+        except self._redis_error as error:
+            if not self._down_until:
+                logger.warning(
+                    "Redis online store at %s failed (%s): recommendations degrade to the "
+                    "model's stored history and events get 503 until it responds again",
+                    self.address,
+                    error,
+                )
+            self._failed_at = time.monotonic()
+            self._down_until = self._failed_at + self.backoff_seconds
+            self._last_error = str(error)
+            raise OnlineStoreUnavailableError(
+                f"{action} Redis at {self.address} failed: {error}"
+            ) from error
+        if self._down_until:
+            logger.info("Redis online store at %s responds again", self.address)
+            self._down_until = 0.0
+        return result
 
     def append_events(self, user_id: str, events: Sequence[Mapping[str, Any]]) -> int:
         rows = [normalize_event(user_id, event) for event in events]
         if not rows:
             return 0
         key = self._key(user_id)
-        try:
+
+        def write() -> None:
             with self._client.pipeline(transaction=True) as pipeline:
                 pipeline.rpush(key, *(json.dumps(row) for row in rows))
                 pipeline.ltrim(key, -self.max_events_per_user, -1)
                 pipeline.execute()
-        except self._redis_error as error:
-            raise OnlineStoreError(
-                f"writing {len(rows)} events to Redis failed: {error}"
-            ) from error
+
+        self._call(f"writing {len(rows)} events to", write)
         return len(rows)
 
     def recent_events(self, user_id: str, limit: int) -> pd.DataFrame:
-        try:
-            payloads = self._client.lrange(self._key(user_id), -int(limit), -1)
-        except self._redis_error as error:
-            raise OnlineStoreError(f"reading events from Redis failed: {error}") from error
+        key = self._key(user_id)
+        payloads = self._call("reading events from", lambda: self._client.lrange(key, -limit, -1))
         return events_frame([json.loads(payload) for payload in payloads])
 
     def ping(self) -> bool:
         try:
-            return bool(self._client.ping())
-        except self._redis_error as error:
+            return bool(self._call("pinging", self._client.ping))
+        except OnlineStoreUnavailableError as error:
             logger.error("Redis online store did not respond: %s", error)
             return False
 

@@ -13,10 +13,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +26,12 @@ from shoprec.bundle import UnknownItemError as BundleUnknownItemError
 from shoprec.columns import CatalogueColumns, Columns
 from shoprec.config import Settings, load_params, params_section
 from shoprec.exceptions import ShoprecError
-from shoprec.online_store import OnlineStore, create_online_store
+from shoprec.online_store import (
+    OnlineStore,
+    OnlineStoreUnavailableError,
+    create_online_store,
+    events_frame,
+)
 from shoprec.privacy import Pseudonymizer, load_or_create_key
 from shoprec.serving_metrics import ServingMetrics, default_metrics
 from shoprec.serving_schemas import (
@@ -80,6 +87,14 @@ class ServingConfig(BaseModel):
         default_factory=lambda: ["popularity"],
         description="Candidate sources that make up the cold-start list.",
     )
+    reload_poll_seconds: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "Each worker checks the model store for a new champion this often (0: never; "
+            "POST /reload still works)."
+        ),
+    )
 
 
 class ServingSettings(Settings):
@@ -118,6 +133,8 @@ class ServedModel:
     item_details: pd.DataFrame
     servable_items: frozenset[str]
     inactive_items: frozenset[str]
+    # item_id -> (description, price), None where unknown; a dict lookup per returned item.
+    details_by_item: dict[str, tuple[str | None, float | None]]
 
 
 def item_catalogue(bundle: Any) -> pd.DataFrame:
@@ -169,12 +186,21 @@ def prepare_model(bundle: RecommendationModel, version: str, inactive_days: int)
     active = (details["days_since_sold"] <= inactive_days).to_numpy()
     item_ids = details.index.to_numpy()
 
+    descriptions = details["description"].to_numpy(dtype=object)
+    prices = details["price"].to_numpy(dtype=float)
     served = ServedModel(
         bundle=bundle,
         version=version,
         item_details=details[["description", "price"]],
         servable_items=frozenset(item_ids[active]),
         inactive_items=frozenset(item_ids[~active]),
+        details_by_item={
+            str(item): (
+                None if pd.isna(description) else str(description),
+                None if np.isnan(price) else float(price),
+            )
+            for item, description, price in zip(item_ids, descriptions, prices, strict=True)
+        },
     )
     logger.info(
         "Serving model %s: %d servable items, %d inactive (no sale in the last %d days of data)",
@@ -276,9 +302,42 @@ class Recommender:
     def model_version(self) -> str:
         return self._model.version
 
+    def start_polling(self) -> threading.Thread | None:
+        """Check for a new champion every ``reload_poll_seconds`` in a daemon thread.
+
+        Every worker process polls on its own, so all of them move to a new champion, while
+        POST /reload reaches only the worker that handles it.
+        """
+        interval = self.config.reload_poll_seconds
+        if interval <= 0:
+            return None
+        stop = threading.Event()
+        self._stop_polling = stop
+
+        def poll() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.reload()
+                except Exception:  # noqa: BLE001 - the poller must outlive any failure
+                    logger.exception("Polling for a new champion failed")
+
+        thread = threading.Thread(target=poll, name="champion-poller", daemon=True)
+        thread.start()
+        logger.info("Polling for a new champion every %.0f s", interval)
+        return thread
+
+    def stop_polling(self) -> None:
+        stop = getattr(self, "_stop_polling", None)
+        if stop is not None:
+            stop.set()
+
     def is_ready(self) -> bool:
-        """Return True when the online store responds."""
-        return self.store.ping()
+        """Return True once a model is loaded.
+
+        The online store is not part of readiness: without it /recommend still answers
+        (degraded) and /events says 503, so a replica should stay in the load balancer.
+        """
+        return self._model is not None
 
     @contextmanager
     def _timed(self, endpoint: str, stage: str) -> Iterator[None]:
@@ -309,17 +368,29 @@ class Recommender:
         with self._outcome("recommend"), self._timed("recommend", "total"):
             model = self._model
             user_id = self.pseudonymizer.user_id(request.user_id)
-            known_context = _unique(
-                i for i in request.context_items if i in model.item_details.index
-            )
+            known_context = _unique(i for i in request.context_items if i in model.details_by_item)
             unknown_context = _unique(
-                i for i in request.context_items if i not in model.item_details.index
+                i for i in request.context_items if i not in model.details_by_item
             )
 
+            degraded_reason = None
             with self._timed("recommend", "history"):
-                history = self.store.recent_events(user_id, self.config.history_limit)
+                try:
+                    history = self.store.recent_events(user_id, self.config.history_limit)
+                except OnlineStoreUnavailableError as error:
+                    # Serve from the history stored in the model rather than fail the shopper.
+                    logger.debug("Online store unavailable during /recommend: %s", error)
+                    self.metrics.store_errors.labels(operation="read").inc()
+                    self.metrics.degraded.labels(reason="online_store_unavailable").inc()
+                    degraded_reason = "online store unavailable"
+                    history = events_frame([])
 
-            exclude = set(request.exclude_items) | model.inactive_items
+            # The inactive set has thousands of ids: copy it only when the request adds some.
+            exclude = (
+                model.inactive_items | frozenset(request.exclude_items)
+                if request.exclude_items
+                else model.inactive_items
+            )
 
             def rank_items(fetch_k: int) -> pd.DataFrame:
                 with self._timed("recommend", "model"):
@@ -352,13 +423,15 @@ class Recommender:
             model_version=model.version,
             unknown_context_items=unknown_context,
             cold_start=cold_start,
+            degraded=degraded_reason is not None,
+            degraded_reason=degraded_reason,
         )
 
     def similar_items(self, request: SimilarItemsRequest) -> SimilarItemsResponse:
         """Return servable items similar to one catalogue item."""
         with self._outcome("similar_items"), self._timed("similar_items", "total"):
             model = self._model
-            if request.item_id not in model.item_details.index:
+            if request.item_id not in model.details_by_item:
                 raise UnknownItemError(
                     f"item_id {request.item_id!r} not found in the catalogue of model "
                     f"{model.version}; use an item id the shop sold before the model's data end"
@@ -390,11 +463,15 @@ class Recommender:
             user_id = self.pseudonymizer.user_id(request.user_id)
             events = [event.model_dump() for event in request.events]
             with self._timed("events", "store"):
-                accepted = self.store.append_events(user_id, events)
+                try:
+                    accepted = self.store.append_events(user_id, events)
+                except OnlineStoreUnavailableError:
+                    self.metrics.store_errors.labels(operation="write").inc()
+                    raise
         for event in request.events:
             self.metrics.events.labels(event_type=event.event_type).inc()
         unknown = _unique(
-            e.item_id for e in request.events if e.item_id not in model.item_details.index
+            e.item_id for e in request.events if e.item_id not in model.details_by_item
         )
         logger.debug("Recorded %d events for %s", accepted, user_id)
         return EventsResponse(accepted=accepted, unknown_items=unknown)
@@ -433,7 +510,7 @@ class Recommender:
         rank_items: Callable[[int], pd.DataFrame],
         fetch_k: int,
         k: int,
-        exclude: set[str],
+        exclude: AbstractSet[str],
     ) -> list[ScoredItem]:
         """Return the top `k` servable items, asking the bundle for more when filters drop some."""
         for _ in range(MAX_FETCH_ROUNDS):
@@ -446,27 +523,30 @@ class Recommender:
 
     @staticmethod
     def _servable(
-        model: ServedModel, ranked: pd.DataFrame, exclude: set[str], k: int
+        model: ServedModel, ranked: pd.DataFrame, exclude: AbstractSet[str], k: int
     ) -> list[ScoredItem]:
-        ids = ranked[Columns.ITEM_ID].astype(str)
-        keep = ids.isin(model.servable_items) & ~ids.isin(exclude) & ~ids.duplicated()
-        top = ranked.loc[keep.to_numpy()].head(k)
-        details = model.item_details
-        items = []
-        for rank, row in enumerate(top.itertuples(index=False), start=1):
-            item_id = str(getattr(row, Columns.ITEM_ID))
-            description = details.at[item_id, "description"]
-            price = details.at[item_id, "price"]
+        # Plain Python over a few dozen rows: cheaper than pandas set operations per request.
+        items: list[ScoredItem] = []
+        seen: set[str] = set()
+        columns = (ranked[Columns.ITEM_ID], ranked[Columns.SCORE], ranked[Columns.SOURCE])
+        for item, score, source in zip(*(c.tolist() for c in columns), strict=True):
+            item_id = str(item)
+            if item_id in seen or item_id in exclude or item_id not in model.servable_items:
+                continue
+            seen.add(item_id)
+            description, price = model.details_by_item[item_id]
             items.append(
                 ScoredItem(
                     item_id=item_id,
-                    score=float(getattr(row, Columns.SCORE)),
-                    rank=rank,
-                    source=str(getattr(row, Columns.SOURCE)),
-                    description=None if pd.isna(description) else str(description),
-                    price=None if pd.isna(price) else float(price),
+                    score=float(score),
+                    rank=len(items) + 1,
+                    source=str(source),
+                    description=description,
+                    price=price,
                 )
             )
+            if len(items) == k:
+                break
         return items
 
 

@@ -48,6 +48,18 @@ class ServingMetrics:
             ["event_type"],
             registry=registry,
         )
+        self.degraded = Counter(
+            "shoprec_degraded_responses",
+            "Recommendations answered without the shopper's online events, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "shoprec_online_store_errors",
+            "Online store calls that failed (backend down or timed out), by operation.",
+            ["operation"],
+            registry=registry,
+        )
         self.reloads = Counter(
             "shoprec_model_reloads",
             "Model reload attempts, by outcome.",

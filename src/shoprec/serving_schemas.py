@@ -72,6 +72,16 @@ class RecommendResponse(BaseModel):
     cold_start: bool = Field(
         description="True when the user had no history and got the cold-start list."
     )
+    degraded: bool = Field(
+        False,
+        description=(
+            "True when the online store did not answer: the list uses only the history "
+            "stored in the model, without the shopper's recent events."
+        ),
+    )
+    degraded_reason: str | None = Field(
+        None, description="Why the answer is degraded, e.g. 'online store unavailable'."
+    )
 
 
 class SimilarItemsRequest(_Request):
