@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from shoprec.exceptions import StoreError
 from shoprec.store import BatchToCommit, CrashInjected, EventStore
 
 
@@ -140,3 +141,48 @@ def test_rerun_after_crash_equals_uninterrupted_run(tmp_path):
     rerun.commit([make_batch("b2", "2011-01-05", ["B"])])
 
     assert snapshot(rerun.data_dir) == snapshot(clean.data_dir)
+
+
+def test_recover_discards_batch_with_truncated_id_file(store):
+    store.commit([make_batch("b1", "2011-01-04", ["A"])])
+    before = snapshot(store.data_dir)
+    staged = store.staging_dir / "txn-b2"
+    staged.mkdir(parents=True)
+    (staged / "batch_ids.json").write_text('["b', encoding="utf-8")  # killed mid-write
+
+    reader = EventStore(store.data_dir, store.staging_dir)
+
+    assert reader.recover() == ["discarded uncommitted batch txn-b2"]
+    assert snapshot(store.data_dir) == before
+    assert list(store.staging_dir.iterdir()) == []
+
+
+def test_fault_pause_stops_nth_commit(store, monkeypatch):
+    def stop(spec: str) -> None:
+        raise CrashInjected(f"paused at {spec}")
+
+    monkeypatch.setattr("shoprec.store._pause_forever", stop)
+    monkeypatch.setenv("SHOPREC_FAULT_PAUSE_AT", "partitions_written:2")
+    store.commit([make_batch("b1", "2011-01-04", ["A"])])
+
+    with pytest.raises(CrashInjected, match="paused at partitions_written:2"):
+        store.commit([make_batch("b2", "2011-01-05", ["B"])])
+
+    assert (store.data_dir / "events/date=2011-01-05/b2.parquet").exists()
+    assert list(EventStore(store.data_dir, store.staging_dir).manifest()["batches"]) == ["b1"]
+
+
+@pytest.mark.parametrize("spec", ["written", "staged:0", "staged:x"])
+def test_fault_pause_rejects_invalid_setting(store, monkeypatch, spec):
+    monkeypatch.setenv("SHOPREC_FAULT_PAUSE_AT", spec)
+
+    with pytest.raises(StoreError, match=f"SHOPREC_FAULT_PAUSE_AT='{spec}' is invalid"):
+        store.commit([make_batch("b1", "2011-01-04", ["A"])])
+
+
+def test_fault_pause_requires_marker_path(store, monkeypatch):
+    monkeypatch.setenv("SHOPREC_FAULT_PAUSE_AT", "staged")
+    monkeypatch.delenv("SHOPREC_FAULT_PAUSE_MARKER", raising=False)
+
+    with pytest.raises(StoreError, match="SHOPREC_FAULT_PAUSE_MARKER is not"):
+        store.commit([make_batch("b1", "2011-01-04", ["A"])])

@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import shutil
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,14 @@ EVENTS_DIR = "events"
 QUARANTINE_DIR = "quarantine"
 MANIFEST_FORMAT = 1
 TXN_FILE = "batch_ids.json"
+COMMIT_STEPS = ("staged", "partitions_written", "manifest_committed")
+
+# Test-only fault injection, off unless FAULT_PAUSE_ENV is set to "<commit step>" or
+# "<commit step>:<n>". The n-th commit of an EventStore (the first when n is left out) then
+# writes the file named by FAULT_MARKER_ENV and blocks at that step until the process is
+# killed, so a test can SIGKILL it at a known point. Never set these in a deployment.
+FAULT_PAUSE_ENV = "SHOPREC_FAULT_PAUSE_AT"
+FAULT_MARKER_ENV = "SHOPREC_FAULT_PAUSE_MARKER"
 
 EVENT_SCHEMA = pa.schema(
     [
@@ -150,6 +160,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _read_staged_batch_ids(path: Path) -> list[str]:
+    """Return the batch ids of a staging folder, or [] when the file is missing or truncated.
+
+    A transaction writes this file before anything else, so a process killed while writing
+    it never reached the commit point.
+    """
+    if not path.exists():
+        return []
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return []
+
+
 class EventStore:
     """Read and append to the event store under `data_dir`."""
 
@@ -157,6 +181,7 @@ class EventStore:
         self.data_dir = Path(data_dir)
         self.staging_dir = Path(staging_dir)
         self.crash_at: str | None = None  # test hook: name of a commit step
+        self._steps_reached: Counter[str] = Counter()
         self._manifest: dict[str, Any] | None = None
         self._catalogue: pd.DataFrame | None = None
 
@@ -261,8 +286,7 @@ class EventStore:
         if self.staging_dir.exists():
             for staged in sorted(self.staging_dir.iterdir()):
                 catalogue = staged / CATALOGUE
-                txn = staged / TXN_FILE
-                batch_ids = json.loads(txn.read_text(encoding="utf-8")) if txn.exists() else []
+                batch_ids = _read_staged_batch_ids(staged / TXN_FILE)
                 if batch_ids and set(batch_ids) <= committed and catalogue.exists():
                     os.replace(catalogue, self.data_dir / CATALOGUE)
                     actions.append(f"finished catalogue of committed batch {staged.name}")
@@ -297,6 +321,10 @@ class EventStore:
     def _maybe_crash(self, step: str) -> None:
         if self.crash_at == step:
             raise CrashInjected(f"crash injected at step '{step}'")
+        self._steps_reached[step] += 1
+        spec = os.environ.get(FAULT_PAUSE_ENV)
+        if spec and _fault_pause_point(spec) == (step, self._steps_reached[step]):
+            _pause_forever(spec)
 
     def commit(self, batches: list[BatchToCommit]) -> list[dict[str, Any]]:
         """Append batches in one atomic transaction; return their manifest entries."""
@@ -376,6 +404,32 @@ class EventStore:
         }
         files = [*event_files, *([quarantine_file] if quarantine_file else [])]
         return entry, files
+
+
+def _fault_pause_point(spec: str) -> tuple[str, int]:
+    """Parse a FAULT_PAUSE_ENV value into (commit step, 1-based commit number)."""
+    step, _, number = spec.partition(":")
+    if step not in COMMIT_STEPS or not (number or "1").isdigit() or int(number or "1") < 1:
+        raise StoreError(
+            f"{FAULT_PAUSE_ENV}={spec!r} is invalid; expected <step> or <step>:<n> with a step "
+            f"in {COMMIT_STEPS} and n >= 1, or unset the variable (it is a test-only hook)"
+        )
+    return step, int(number or "1")
+
+
+def _pause_forever(spec: str) -> None:
+    """Write the fault marker file, then block until the process is killed."""
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if not marker:
+        raise StoreError(
+            f"{FAULT_PAUSE_ENV} is set but {FAULT_MARKER_ENV} is not; set it to the path of "
+            "the file to write when the commit pauses"
+        )
+    partial = Path(f"{marker}.partial")
+    partial.write_text(f"{spec} {os.getpid()}\n", encoding="utf-8")
+    os.replace(partial, marker)
+    logger.warning("fault injection: commit paused at %s until the process is killed", spec)
+    threading.Event().wait()
 
 
 def update_catalogue(
