@@ -180,6 +180,8 @@ def service_env(bentoml_home: Path) -> dict[str, str]:
         "SHOPREC_PSEUDONYM_KEY": PSEUDONYM_KEY,
         "SHOPREC_ONLINE_DB": str(bentoml_home / "online.sqlite"),
         "SHOPREC_PARAMS_FILE": str(PROJECT_ROOT / "params.yaml"),
+        # One worker: quicker to start, and POST /reload then reaches the only worker.
+        "SHOPREC_WORKERS": "1",
     }
     for name in ("SHOPREC_REDIS_URL", "SHOPREC_INSECURE_LOCAL", "PROMETHEUS_MULTIPROC_DIR"):
         env.pop(name, None)

@@ -165,7 +165,7 @@ def test_cached_scores_equal_fresh_scores(bundle, purchases):
     pd.testing.assert_frame_equal(repeated, expected)
 
 
-def test_online_history_scores_are_cached_until_a_new_event(bundle, purchases):
+def test_online_scores_cached_until_event(bundle, purchases):
     def purchase(item: str, day: str) -> pd.DataFrame:
         return pd.DataFrame(
             {
@@ -190,5 +190,24 @@ def test_online_history_scores_are_cached_until_a_new_event(bundle, purchases):
     after_event = online.recommend(two, k=5, user_id="u21")
 
     pd.testing.assert_frame_equal(again, first)
+    assert first.attrs["score_cache_hit"] is False
+    assert again.attrs["score_cache_hit"] is True
+    assert after_event.attrs["score_cache_hit"] is False
     assert len(online.prepare_online().scores._entries) == 2
     pd.testing.assert_frame_equal(after_event, bundle.recommend(two, k=5, user_id="u21"))
+
+
+def test_precomputed_scores_match_fresh(bundle, purchases, tmp_path):
+    empty = purchases.iloc[0:0]
+    users = bundle.prepare_online().purchases.users()
+    fresh = dataclasses.replace(bundle)  # no precomputed scores, an empty cache
+
+    served = bundle.recommend(empty, k=6, user_id="u21")
+    computed = fresh.recommend(empty, k=6, user_id="u21")
+    fresh.save(tmp_path, precompute=False)
+
+    assert set(bundle.prepare_online().precomputed) == set(users)
+    assert served.attrs["score_cache_hit"] is True
+    assert computed.attrs["score_cache_hit"] is False
+    pd.testing.assert_frame_equal(served, computed)
+    assert not (tmp_path / "precomputed_scores.npz").exists()

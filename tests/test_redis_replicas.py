@@ -108,7 +108,7 @@ def popular_items(trained: TrainedBundle, n: int) -> list[str]:
     return [str(item) for item in sorted(counts.index[:n])]
 
 
-def test_event_posted_to_one_replica_shows_on_the_other(
+def test_event_visible_on_other_replica(
     clients: list[httpx.Client], trained: TrainedBundle
 ) -> None:
     first, second = clients
@@ -127,7 +127,7 @@ def test_event_posted_to_one_replica_shows_on_the_other(
     assert {i["source"] for i in after["items"]} - {"popularity"}
 
 
-def test_redis_outage_degrades_recommend_and_refuses_events_then_recovers(
+def test_redis_outage_degrades_then_recovers(
     clients: list[httpx.Client], redis_server, trained: TrainedBundle
 ) -> None:
     first, second = clients
@@ -174,7 +174,7 @@ def test_redis_outage_degrades_recommend_and_refuses_events_then_recovers(
     assert back["cold_start"] is False
 
 
-def test_burst_of_10000_events_keeps_history_capped_and_latency_in_target(
+def test_event_burst_stays_capped(
     clients: list[httpx.Client], redis_server, trained: TrainedBundle
 ) -> None:
     first, second = clients
@@ -208,7 +208,7 @@ def test_burst_of_10000_events_keeps_history_capped_and_latency_in_target(
     assert statistics.median(timings) < SERVING_TARGET_MS, timings
 
 
-def test_concurrent_events_and_recommendations_lose_no_event(
+def test_concurrent_clients_lose_no_event(
     clients: list[httpx.Client], redis_server, trained: TrainedBundle, replicas: list[dict]
 ) -> None:
     shoppers = [f"REPLICA-SHOPPER-C{n}" for n in range(3)]

@@ -80,7 +80,7 @@ def test_concurrent_writers_lose_no_event(redis_server, request) -> None:
         writer.close()
 
 
-def test_store_fails_fast_while_redis_is_down_and_recovers(redis_server, request) -> None:
+def test_redis_down_fails_fast_then_recovers(redis_server, request) -> None:
     store = RedisOnlineStore(
         redis_server.url, key_prefix=f"test:{request.node.name}:", backoff_seconds=0.5
     )

@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 ANONYMOUS_USER = "__anonymous__"
 # Users whose scores are kept between requests (about 15 kB each).
 SCORE_CACHE_USERS = 2048
+# Scores of every training user's candidates (variant "all", at the cutoff), written by save().
+PRECOMPUTED_FILE = "precomputed_scores.npz"
+# Key of DataFrame.attrs telling whether recommend() reused cached ranker scores.
+CACHE_HIT_ATTR = "score_cache_hit"
 RESULT_COLUMNS = [Columns.ITEM_ID, Columns.SCORE, Columns.RANK, Columns.SOURCE]
 
 
@@ -129,6 +133,10 @@ class ScoreCache:
                 self._entries.move_to_end(key)
             return entry
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
     def put(self, key: tuple, entry: ScoredCandidates) -> None:
         with self._lock:
             self._entries[key] = entry
@@ -146,6 +154,8 @@ class OnlineTables:
     popular: np.ndarray
     fold_in: FoldIn
     scores: ScoreCache
+    # Read-only scores of training users, filled by precompute_scores() or load().
+    precomputed: dict[str, ScoredCandidates]
     popular_ids: np.ndarray
     popular_counts: np.ndarray
 
@@ -168,9 +178,15 @@ class ModelBundle:
     metadata: dict[str, Any] = field(default_factory=dict)
     _online: OnlineTables | None = field(default=None, init=False, repr=False)
 
-    def save(self, directory: Path) -> Path:
-        """Write the bundle as plain files (npz, parquet, LightGBM text, JSON) to ``directory``."""
+    def save(self, directory: Path, precompute: bool = True) -> Path:
+        """Write the bundle as plain files (npz, parquet, LightGBM text, JSON) to ``directory``.
+
+        With ``precompute``, the ranked candidates of every training user are scored first
+        and saved too, so serving answers a known user without running the ranker.
+        """
         save_candidate_model(self.candidate_model, directory)
+        if precompute:
+            self._save_precomputed(directory / PRECOMPUTED_FILE, self.precompute_scores())
         self.item_table.to_parquet(directory / "item_table.parquet")
         self.purchases[HISTORY_COLUMNS].to_parquet(directory / "purchases.parquet", index=False)
         self.catalogue.to_parquet(directory / "catalogue.parquet", index=False)
@@ -226,8 +242,62 @@ class ModelBundle:
             catalogue=pd.read_parquet(directory / "catalogue.parquet"),
             metadata=json.loads((directory / "metadata.json").read_text(encoding="utf-8")),
         )
-        bundle.prepare_online()
+        online = bundle.prepare_online()
+        if (directory / PRECOMPUTED_FILE).exists():
+            online.precomputed.update(bundle._load_precomputed(directory / PRECOMPUTED_FILE))
         return bundle
+
+    def precompute_scores(self) -> dict[str, ScoredCandidates]:
+        """Score the candidates of every training user as ``recommend`` would, and keep them.
+
+        The scores are those of the default variant (purchased items allowed) at the cutoff,
+        which is what a user without online events or context gets, with nothing excluded.
+        """
+        online = self.prepare_online()
+        users = online.purchases.users()
+        cutoff = self.candidate_model.cutoff
+        started = time.perf_counter()
+        for done, user in enumerate(users, start=1):
+            history = online.purchases.history(user)
+            online.precomputed[user] = self._score(history, frozenset(), False, cutoff)
+            if done % 1000 == 0 or done == len(users):
+                logger.info(
+                    "precomputed scores of %d/%d users in %.0fs",
+                    done,
+                    len(users),
+                    time.perf_counter() - started,
+                )
+        return online.precomputed
+
+    def _save_precomputed(self, path: Path, entries: dict[str, ScoredCandidates]) -> None:
+        users = sorted(entries)
+        parts = [entries[user] for user in users]
+        sources, source_codes = np.unique(
+            np.concatenate([part.source for part in parts]).astype(str), return_inverse=True
+        )
+        item_ids = np.concatenate([part.item_ids for part in parts]).astype(str)
+        np.savez_compressed(
+            path,
+            users=np.array(users, dtype=str),
+            lengths=np.array([len(part.item_ids) for part in parts], dtype=np.int64),
+            items=self.candidate_model.items.to_index(item_ids).astype(np.int32),
+            sources=sources,
+            source_codes=source_codes.astype(np.int16),
+            scores=np.concatenate([part.score for part in parts]),
+        )
+
+    def _load_precomputed(self, path: Path) -> dict[str, ScoredCandidates]:
+        with np.load(path, allow_pickle=False) as data:
+            ids = self.candidate_model.items.ids.to_numpy(dtype=object)
+            items = ids[data["items"]]
+            sources = data["sources"].astype(object)[data["source_codes"]]
+            scores = data["scores"]
+            ends = np.cumsum(data["lengths"])
+            starts = ends - data["lengths"]
+            return {
+                str(user): ScoredCandidates(items[a:b], sources[a:b], scores[a:b])
+                for user, a, b in zip(data["users"], starts, ends, strict=True)
+            }
 
     def recommend(
         self,
@@ -267,8 +337,11 @@ class ModelBundle:
         # or another cart changes the history, hence the key, so no stale entry is ever read.
         key = (history.user_id, exclude_purchased, now.value, _fingerprint(history, stored_only))
         scored = online.scores.get(key)
+        if scored is None and key[1:] == (False, self.candidate_model.cutoff.value, None):
+            scored = online.precomputed.get(history.user_id)
         keep = scored.keep(exclude) if scored is not None else None
-        if scored is None or np.isnan(scored.score[keep]).any():
+        cache_hit = scored is not None and not np.isnan(scored.score[keep]).any()
+        if not cache_hit:
             scored = self._score(history, exclude, exclude_purchased, now)
             keep = scored.keep(exclude)
             online.scores.put(key, scored)
@@ -277,7 +350,7 @@ class ModelBundle:
 
         rows = np.flatnonzero(keep)
         top = rows[np.lexsort((rows, -scored.score[rows]))[:k]]
-        return pd.DataFrame(
+        ranked = pd.DataFrame(
             {
                 Columns.ITEM_ID: scored.item_ids[top],
                 Columns.SCORE: scored.score[top],
@@ -285,6 +358,9 @@ class ModelBundle:
                 Columns.SOURCE: scored.source[top],
             }
         )
+        # Read by serving for its cache metrics; absent on popular-list answers.
+        ranked.attrs[CACHE_HIT_ATTR] = cache_hit
+        return ranked
 
     def _score(
         self,
@@ -322,6 +398,7 @@ class ModelBundle:
                 popular=popularity_scores(self.candidate_model),
                 fold_in=FoldIn(self.candidate_model.item_factors, self.candidate_model.config),
                 scores=ScoreCache(SCORE_CACHE_USERS),
+                precomputed={},
                 popular_ids=self.candidate_model.popular.index.astype(str).to_numpy(dtype=object),
                 popular_counts=self.candidate_model.popular.to_numpy(dtype=float),
             )

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from shoprec.bundle import CACHE_HIT_ATTR
 from shoprec.bundle import UnknownItemError as BundleUnknownItemError
 from shoprec.columns import CatalogueColumns, Columns
 from shoprec.config import Settings, load_params, params_section
@@ -394,7 +395,7 @@ class Recommender:
 
             def rank_items(fetch_k: int) -> pd.DataFrame:
                 with self._timed("recommend", "model"):
-                    return model.bundle.recommend(
+                    ranked = model.bundle.recommend(
                         history,
                         fetch_k,
                         context_items=known_context,
@@ -402,6 +403,10 @@ class Recommender:
                         exclude_purchased=request.exclude_purchased,
                         user_id=user_id,
                     )
+                hit = ranked.attrs.get(CACHE_HIT_ATTR)
+                if hit is not None:
+                    self.metrics.score_cache.labels(result="hit" if hit else "miss").inc()
+                return ranked
 
             items = self._top_servable(model, rank_items, request.k, request.k, exclude)
             cold_start = (

@@ -60,6 +60,12 @@ class ServingMetrics:
             ["operation"],
             registry=registry,
         )
+        self.score_cache = Counter(
+            "shoprec_score_cache",
+            "Ranked recommendations by whether cached ranker scores were reused (hit or miss).",
+            ["result"],
+            registry=registry,
+        )
         self.reloads = Counter(
             "shoprec_model_reloads",
             "Model reload attempts, by outcome.",

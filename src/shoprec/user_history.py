@@ -219,6 +219,10 @@ class PurchaseIndex:
     def __contains__(self, user_id: str) -> bool:
         return user_id in self._ranges
 
+    def users(self) -> list[str]:
+        """Return the ids of every user with training purchases, sorted."""
+        return sorted(self._ranges)
+
     def history(self, user_id: str) -> UserHistory:
         """Return the user's training purchases (empty for an unknown user)."""
         bounds = self._ranges.get(user_id)
