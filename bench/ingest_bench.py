@@ -6,6 +6,8 @@ times it from the outside. Prints a Markdown row for BENCHMARKS.md and writes
 the raw timings as JSON.
 
     .venv/bin/python bench/ingest_bench.py --runs 3
+    .venv/bin/python bench/ingest_bench.py --runs 2 --task-runner dask \
+        --output bench/results/ingest-dask.json
 """
 
 from __future__ import annotations
@@ -59,7 +61,14 @@ def run_once(landing: Path, runner: str) -> tuple[float, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="number of timed runs")
-    parser.add_argument("--runner", default="thread", help="SHOPREC_TASK_RUNNER value")
+    parser.add_argument(
+        "--task-runner",
+        "--runner",
+        dest="runner",
+        default="thread",
+        help="task runner of the per-file tasks (SHOPREC_TASK_RUNNER): thread, process, dask "
+        "or tcp://HOST:PORT",
+    )
     parser.add_argument(
         "--landing-dir",
         type=Path,

@@ -58,6 +58,7 @@ class CandidatesConfig(BaseModel):
     n_neighbours: int = Field(100, ge=1, description="neighbours kept per item")
     seed: int = 42
     num_threads: int = Field(1, ge=1)
+    n_shards: int = Field(4, ge=1, description="user shards of candidate generation, one task each")
 
 
 @dataclass

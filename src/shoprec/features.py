@@ -38,6 +38,7 @@ class FeaturesConfig(BaseModel):
 
     popularity_windows: list[int] = Field(default_factory=lambda: [7, 30, 90])
     recent_days: int = Field(30, ge=1, description="window of the user's recent activity")
+    n_shards: int = Field(4, ge=1, description="user shards of feature building, one task each")
 
 
 def build_item_table(

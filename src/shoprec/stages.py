@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import pandas as pd
 import typer
@@ -22,6 +22,10 @@ import typer
 from shoprec.columns import CatalogueColumns, Columns
 from shoprec.config import Settings, load_params, params_section
 from shoprec.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    from shoprec.candidates import CandidateModel
+    from shoprec.features import FeaturesConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +57,17 @@ def _window(purchases: pd.DataFrame, fold) -> tuple[pd.DataFrame, pd.DataFrame]:
     )
 
 
-def run_candidates(params: dict[str, Any], data_dir: Path, artifacts_dir: Path) -> None:
-    """Fit a candidate model per fold and write the candidates of the evaluated users."""
+def run_candidates(
+    params: dict[str, Any], data_dir: Path, artifacts_dir: Path, task_runner: str = "thread"
+) -> None:
+    """Fit a candidate model per fold and write the candidates of the evaluated users.
+
+    Candidates are generated in ``candidates.n_shards`` user shards on `task_runner`.
+    """
     from shoprec.bundle import save_candidate_model
     from shoprec.candidates import CandidatesConfig, fit_candidate_model, generate_candidates
     from shoprec.interactions import build_targets
+    from shoprec.shards import rows_of_users, run_fold_shards, split_users
 
     config = CandidatesConfig(**params_section(params, "candidates"))
     purchases = _read_purchases(data_dir)
@@ -66,20 +76,55 @@ def run_candidates(params: dict[str, Any], data_dir: Path, artifacts_dir: Path) 
     out.mkdir(parents=True, exist_ok=True)
     (out / "split.json").write_text(split.model_dump_json(indent=2), encoding="utf-8")
 
+    models: dict[str, CandidateModel] = {}
+    shards: dict[str, list[dict[str, Any]]] = {}
     for name, fold in folds.items():
         history, target = _window(purchases, fold)
-        model = fit_candidate_model(history, fold.cutoff, config)
-        users = pd.Index(build_targets(history, target, "all")[Columns.USER_ID].unique())
-        candidates = generate_candidates(model, history, users)
+        models[name] = fit_candidate_model(history, fold.cutoff, config)
+        users = build_targets(history, target, "all")[Columns.USER_ID].unique()
+        shards[name] = [
+            {"model": models[name], "history": rows_of_users(history, part), "user_ids": part}
+            for part in split_users(users, config.n_shards)
+        ]
+
+    candidates = run_fold_shards("candidates", generate_candidates, shards, task_runner)
+    for name, model in models.items():
         save_candidate_model(model, out / name / "model")
-        candidates.to_parquet(out / name / "candidates.parquet", index=False)
+        candidates[name].to_parquet(out / name / "candidates.parquet", index=False)
+        logger.info(
+            "candidates of fold %s: %d rows for %d users",
+            name,
+            len(candidates[name]),
+            candidates[name][Columns.USER_ID].nunique(),
+        )
 
 
-def run_features(params: dict[str, Any], data_dir: Path, artifacts_dir: Path) -> None:
-    """Build labelled features of every candidate of both folds."""
-    from shoprec.bundle import load_candidate_model
+def build_shard_features(
+    candidates: pd.DataFrame,
+    history: pd.DataFrame,
+    model: CandidateModel,
+    item_table: pd.DataFrame,
+    now: pd.Timestamp,
+    config: FeaturesConfig,
+) -> pd.DataFrame:
+    """Score the users of `candidates` and build the features of their candidate rows."""
     from shoprec.candidates import score_users
-    from shoprec.features import FeaturesConfig, attach_labels, build_features, build_item_table
+    from shoprec.features import build_features
+
+    scores = score_users(model, history, pd.Index(candidates[Columns.USER_ID].unique()))
+    return build_features(candidates, history, scores, model, item_table, now, config)
+
+
+def run_features(
+    params: dict[str, Any], data_dir: Path, artifacts_dir: Path, task_runner: str = "thread"
+) -> None:
+    """Build labelled features of every candidate of both folds.
+
+    Features are built in ``features.n_shards`` user shards on `task_runner`.
+    """
+    from shoprec.bundle import load_candidate_model
+    from shoprec.features import FeaturesConfig, attach_labels, build_item_table
+    from shoprec.shards import rows_of_users, run_fold_shards, split_users
 
     config = FeaturesConfig(**params_section(params, "features"))
     purchases = _read_purchases(data_dir)
@@ -87,18 +132,33 @@ def run_features(params: dict[str, Any], data_dir: Path, artifacts_dir: Path) ->
     out = artifacts_dir / "features"
     out.mkdir(parents=True, exist_ok=True)
 
+    targets: dict[str, pd.DataFrame] = {}
+    item_tables: dict[str, pd.DataFrame] = {}
+    shards: dict[str, list[dict[str, Any]]] = {}
     for name, fold in folds.items():
-        history, target = _window(purchases, fold)
+        history, targets[name] = _window(purchases, fold)
         model = load_candidate_model(artifacts_dir / "candidates" / name / "model")
         candidates = pd.read_parquet(artifacts_dir / "candidates" / name / "candidates.parquet")
-        users = pd.Index(candidates[Columns.USER_ID].unique())
-        scores = score_users(model, history, users)
-        item_table = build_item_table(history, fold.cutoff, config)
-        features = build_features(
-            candidates, history, scores, model, item_table, fold.cutoff, config
-        )
-        attach_labels(features, target).to_parquet(out / f"{name}.parquet", index=False)
-        item_table.to_parquet(out / f"{name}_items.parquet")
+        item_tables[name] = build_item_table(history, fold.cutoff, config)
+
+        # Shards follow the sorted user order of candidates.parquet, so the concatenated rows
+        # keep the file's order.
+        shards[name] = [
+            {
+                "candidates": rows_of_users(candidates, part),
+                "history": rows_of_users(history, part),
+                "model": model,
+                "item_table": item_tables[name],
+                "now": fold.cutoff,
+                "config": config,
+            }
+            for part in split_users(candidates[Columns.USER_ID], config.n_shards)
+        ]
+
+    features = run_fold_shards("features", build_shard_features, shards, task_runner)
+    for name, frame in features.items():
+        attach_labels(frame, targets[name]).to_parquet(out / f"{name}.parquet", index=False)
+        item_tables[name].to_parquet(out / f"{name}_items.parquet")
 
 
 def run_rank(
@@ -187,8 +247,12 @@ def run_stage(name: str, settings: Settings | None = None) -> float:
     settings = settings or Settings()
     params = load_params(settings.params_file)
     runners: dict[str, Callable[[], Any]] = {
-        "candidates": lambda: run_candidates(params, settings.data_dir, settings.artifacts_dir),
-        "features": lambda: run_features(params, settings.data_dir, settings.artifacts_dir),
+        "candidates": lambda: run_candidates(
+            params, settings.data_dir, settings.artifacts_dir, settings.task_runner
+        ),
+        "features": lambda: run_features(
+            params, settings.data_dir, settings.artifacts_dir, settings.task_runner
+        ),
         "rank": lambda: run_rank(
             params, settings.data_dir, settings.artifacts_dir, settings.reports_dir
         ),

@@ -126,6 +126,8 @@ def _checkpoint(config: ValidationConfig, with_day: bool, docs_dir: Path | None)
 
     With `docs_dir`, every run also updates a GX Data Docs site in that folder.
     """
+    # Resolved, so that a relative docs folder of another working directory gets its own site.
+    docs_dir = Path(docs_dir).resolve() if docs_dir is not None else None
     key = f"{config.model_dump_json()}|{with_day}|{docs_dir}"
     cached = _CONTEXT.get(key)
     if cached is not None:
