@@ -14,7 +14,6 @@ prints Markdown.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -41,6 +40,8 @@ from shoprec.serving import prepare_model
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LANDING_DIR = REPO_ROOT.parent / "shared/data/online-retail/by-day"
 TOKEN = "bench-token-0123456789"
+# Shares of the request kinds in bench/locustfile.py.
+MIX = {"known": 0.6, "active": 0.2, "buying": 0.0, "unknown": 0.2}
 REGISTER_CHAMPION = """
 import sys
 from pathlib import Path
@@ -85,19 +86,26 @@ def online_purchase(item_id: str) -> pd.DataFrame:
 
 
 def in_process_floor(
-    bundle: ModelBundle, exclude: set[str], users: dict[str, list], n: int
+    bundle: ModelBundle, exclude: frozenset[str], users: dict[str, list], n: int
 ) -> dict[str, dict]:
-    """Time bundle.recommend as the service calls it (inactive items excluded)."""
+    """Time bundle.recommend as the service calls it (inactive items excluded).
+
+    ``first`` empties the score cache before each call (a shopper's first request, or the first
+    after a new event); ``repeat`` calls again with the same history (a cache hit).
+    """
     empty = online_purchase("x").iloc[0:0]
+    cache = bundle.prepare_online().scores
     floor = {}
     for kind, calls in users.items():
-        times = []
+        first, repeat = [], []
         for user_id, item in (calls * n)[:n]:
             history = online_purchase(item) if item else empty
-            start = time.perf_counter()
-            bundle.recommend(history, 10, exclude_items=exclude, user_id=user_id)
-            times.append((time.perf_counter() - start) * 1000)
-        floor[kind] = {"calls": n, **percentiles(times)}
+            cache.clear()
+            for times in (first, repeat):
+                start = time.perf_counter()
+                bundle.recommend(history, 10, exclude_items=exclude, user_id=user_id)
+                times.append((time.perf_counter() - start) * 1000)
+        floor[kind] = {"calls": n, "first": percentiles(first), "repeat": percentiles(repeat)}
     return floor
 
 
@@ -114,7 +122,7 @@ class LoadSampler(threading.Thread):
             self.samples.append(os.getloadavg()[0])
 
 
-def start_server(home: Path, key_file: Path, bundle_dir: Path) -> tuple[subprocess.Popen, str]:
+def service_env(home: Path, key_file: Path, workers: str, redis_url: str | None) -> dict:
     env = {
         **os.environ,
         "BENTOML_HOME": str(home),
@@ -124,9 +132,22 @@ def start_server(home: Path, key_file: Path, bundle_dir: Path) -> tuple[subproce
         "SHOPREC_KEY_FILE": str(key_file),
         "SHOPREC_ONLINE_DB": str(home / "online.sqlite"),
         "SHOPREC_PARAMS_FILE": str(REPO_ROOT / "params.yaml"),
+        "SHOPREC_WORKERS": workers,
     }
     for name in ("SHOPREC_PSEUDONYM_KEY", "SHOPREC_REDIS_URL", "SHOPREC_INSECURE_LOCAL"):
         env.pop(name, None)
+    if redis_url:
+        env["SHOPREC_REDIS_URL"] = redis_url
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def register_champion(env: dict, bundle_dir: Path) -> None:
     subprocess.run(
         [sys.executable, "-c", REGISTER_CHAMPION, str(bundle_dir)],
         env=env,
@@ -134,31 +155,89 @@ def start_server(home: Path, key_file: Path, bundle_dir: Path) -> tuple[subproce
         capture_output=True,
         timeout=120,
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = (home / "serve.log").open("w")
+
+
+def start_redis(home: Path) -> tuple[subprocess.Popen, str]:
+    """Start redis-server on a free loopback port, keeping nothing on disk."""
+    port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", ".", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            "redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+            "--appendonly", "no", "--dir", str(home),
+        ],
+        stdout=(home / "redis.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return process, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"redis-server not answering on port {port}; see {home / 'redis.log'}")
+
+
+def start_server(
+    home: Path, env: dict, name: str, target: str = "."
+) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = (home / f"serve-{name}.log").open("w")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            target,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         cwd=REPO_ROOT,
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(process: subprocess.Popen, url: str, log: Path) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited; see {home / 'serve.log'}")
+            raise RuntimeError(f"bentoml serve exited; see {log}")
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return process, url
+                return
         except httpx.TransportError:
             pass
         time.sleep(1)
-    stop_server(process)
-    raise RuntimeError(f"bentoml serve not ready after 180 s; see {home / 'serve.log'}")
+    raise RuntimeError(f"bentoml serve not ready after 180 s; see {log}")
+
+
+def summarize(rows: pd.DataFrame, run_time: int) -> dict:
+    """Count, errors, throughput and percentiles (ms) of the requests in `rows`."""
+    return {
+        "requests": len(rows),
+        "errors": int((~rows["ok"]).sum()),
+        **percentiles(rows["ms"].tolist()),
+        "rps": round(len(rows) / run_time, 1),
+    }
+
+
+def cache_counts(urls: list[str]) -> dict[str, float]:
+    """Sum the score cache hit and miss counters of every server's /metrics."""
+    counts = {"hit": 0.0, "miss": 0.0}
+    for url in urls:
+        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("shoprec_score_cache_total{"):
+                result = line.split('result="')[1].split('"')[0]
+                counts[result] += float(line.rsplit(" ", 1)[1])
+    return counts
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -170,64 +249,67 @@ def stop_server(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def run_locust(url: str, users: int, run_time: int, out: Path, env: dict) -> dict:
+def run_locust(urls: list[str], users: int, run_time: int, out: Path, env: dict) -> dict:
     """Run Locust headless and return the aggregated and per-kind stats of its CSV."""
     prefix = out / f"locust_{users}"
     command = [
         *(sys.executable, "-m", "locust", "-f", str(REPO_ROOT / "bench/locustfile.py")),
         *("--headless", "-u", str(users), "-r", str(users), "--run-time", f"{run_time}s"),
-        *("--host", url, "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING"),
+        *("--host", urls[0], "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING"),
     ]
+    env = {**env, "BENCH_HOSTS": ",".join(urls), "BENCH_LATENCY_FILE": f"{prefix}_latencies.csv"}
+    before = cache_counts(urls)
     sampler = LoadSampler()
     sampler.start()
     subprocess.run(
         command, env=env, check=False, timeout=run_time + 60, capture_output=True, text=True
     )
     sampler.stop.set()
-    rows = {}
-    with open(f"{prefix}_stats.csv", newline="") as stats:
-        for row in csv.DictReader(stats):
-            rows[row["Name"]] = {
-                "requests": int(row["Request Count"]),
-                "errors": int(row["Failure Count"]),
-                "p50_ms": float(row["50%"]),
-                "p95_ms": float(row["95%"]),
-                "p99_ms": float(row["99%"]),
-                "rps": round(float(row["Requests/s"]), 1),
-            }
-    total = rows.pop("Aggregated")
-    return {**total, "by_kind": rows, "load_avg_1m": sampler.samples}
+    latencies = pd.read_csv(f"{prefix}_latencies.csv")
+    recommend = latencies[latencies["name"].str.startswith("/recommend")]
+    total = summarize(recommend, run_time)
+    rows = {
+        name: summarize(group, run_time) for name, group in latencies.groupby("name", sort=True)
+    }
+    after = cache_counts(urls)
+    hits, misses = (after[r] - before[r] for r in ("hit", "miss"))
+    cache = {"hits": hits, "misses": misses, "hit_rate": round(hits / max(1, hits + misses), 3)}
+    return {**total, "by_kind": rows, "score_cache": cache, "load_avg_1m": sampler.samples}
 
 
 def event_delay(
-    url: str, bundle: ModelBundle, servable: frozenset[str], trials: int, seed: int
+    urls: list[str], bundle: ModelBundle, servable: frozenset[str], trials: int, seed: int
 ) -> list[dict]:
     """Post a purchase for a new shopper and time until its co-purchases are recommended.
 
-    The co-purchases looked for are the item's 10 strongest servable partners.
+    The co-purchases looked for are the item's 10 strongest servable partners. The event goes
+    to the first server and the recommendations come from the last one.
     """
+    post_url, read_url = urls[0], urls[-1]
     model = bundle.candidate_model
     strength = np.asarray(model.copurchase.max(axis=1).todense()).ravel()
     items = list(model.items.ids.to_numpy()[np.argsort(-strength, kind="stable")[: trials * 4]])
     random.Random(seed).shuffle(items)
     results = []
-    with httpx.Client(base_url=url, timeout=10) as client:
+    with httpx.Client(timeout=10) as client:
         for trial, item in enumerate(items[:trials]):
             row = model.copurchase.getrow(model.items.to_index([item])[0])
             ranked = model.items.ids.to_numpy()[row.indices[np.argsort(-row.data)]]
             partners = {partner for partner in ranked if partner in servable}
             partners = set(sorted(partners, key=list(ranked).index)[:10])
             shopper = f"bench-event-{seed}-{trial}"
-            before = client.post("/recommend", json={"user_id": shopper, "k": 10}).json()
+            before = client.post(f"{read_url}/recommend", json={"user_id": shopper, "k": 10}).json()
             sent = time.perf_counter()
             client.post(
-                "/events",
+                f"{post_url}/events",
                 headers={"Authorization": f"Bearer {TOKEN}"},
                 json={"user_id": shopper, "events": [{"item_id": item, "event_type": "purchase"}]},
             )
             requests, visible, first = 0, False, None
             while not visible and time.perf_counter() - sent < 5:
-                body = client.post("/recommend", json={"user_id": shopper, "k": 10}).json()
+                body = client.post(
+                    f"{read_url}/recommend", json={"user_id": shopper, "k": 10}
+                ).json()
                 first = first or body
                 requests += 1
                 visible = bool(partners & {entry["item_id"] for entry in body["items"]})
@@ -252,9 +334,26 @@ def main() -> None:
     parser.add_argument("--key-file", type=Path, default=REPO_ROOT / ".shoprec/pseudonym.key")
     parser.add_argument("--users", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--run-time", type=int, default=30, help="seconds per Locust run")
-    parser.add_argument("--known", type=int, default=300, help="known shoppers in the mix")
+    parser.add_argument(
+        "--known", type=int, default=0, help="known shoppers in the mix (0: every trained one)"
+    )
     parser.add_argument("--active", type=int, default=50, help="shoppers given online events")
     parser.add_argument("--floor-calls", type=int, default=200)
+    parser.add_argument(
+        "--workers", default="cpu_count", help="worker processes per server (SHOPREC_WORKERS)"
+    )
+    parser.add_argument("--replicas", type=int, default=1, help="servers sharing one Redis")
+    parser.add_argument("--redis", action="store_true", help="online store in Redis, not SQLite")
+    parser.add_argument(
+        "--floor-service",
+        action="store_true",
+        help="serve bench/floor_service.py (a fixed answer) to measure the framework alone",
+    )
+    parser.add_argument(
+        "--mix",
+        default=",".join(str(share) for share in MIX.values()),
+        help=f"shares of the request kinds {', '.join(MIX)}",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench/results/serve.json")
     args = parser.parse_args()
     rng = random.Random(42)
@@ -264,8 +363,9 @@ def main() -> None:
     trained = sorted(set(bundle.purchases["user_id"]) & set(by_pseudonym))
     if not trained:
         raise SystemExit(f"no landing customer id maps to a user of {args.bundle}; wrong key file?")
-    chosen = rng.sample(trained, min(len(trained), args.known + args.active))
-    known, active = chosen[: args.known], chosen[args.known :]
+    n_known = args.known or len(trained) - args.active
+    chosen = rng.sample(trained, min(len(trained), n_known + args.active))
+    known, active = chosen[:n_known], chosen[n_known:]
     popular = list(bundle.candidate_model.popular.index[:200])
     active_items = {user: rng.choice(popular) for user in active}
 
@@ -275,7 +375,7 @@ def main() -> None:
     served = prepare_model(bundle, "bench", inactive_days)
     floor = in_process_floor(
         bundle,
-        set(served.inactive_items),
+        served.inactive_items,
         {
             "known": [(user, None) for user in known],
             "active": [(user, active_items[user]) for user in active],
@@ -286,29 +386,43 @@ def main() -> None:
 
     servable = served.servable_items
     runs = {}
+    use_redis = args.redis or args.replicas > 1
     with tempfile.TemporaryDirectory(prefix="shoprec-serve-bench-") as tmp:
         home = Path(tmp)
-        process, url = start_server(home, args.key_file, args.bundle)
+        redis_process, redis_url = start_redis(home) if use_redis else (None, None)
+        env = service_env(home, args.key_file, args.workers, redis_url)
+        register_champion(env, args.bundle)
+        target = "bench.floor_service:FixedAnswer" if args.floor_service else "."
+        servers = [start_server(home, env, str(n), target) for n in range(args.replicas)]
+        urls = [url for _, url in servers]
         try:
-            with httpx.Client(base_url=url, timeout=10) as client:
-                for user, item in active_items.items():
+            for n, (process, url) in enumerate(servers):
+                wait_ready(process, url, home / f"serve-{n}.log")
+            with httpx.Client(timeout=10) as client:
+                for user, item in active_items.items() if not args.floor_service else ():
                     event = {"item_id": item, "event_type": "purchase"}
                     client.post(
-                        "/events",
+                        f"{urls[0]}/events",
                         headers={"Authorization": f"Bearer {TOKEN}"},
                         json={"user_id": by_pseudonym[user], "events": [event]},
                     ).raise_for_status()
-            env = {
+            locust_env = {
                 **os.environ,
                 "BENCH_KNOWN_IDS": ",".join(by_pseudonym[user] for user in known),
                 "BENCH_ACTIVE_IDS": ",".join(by_pseudonym[user] for user in active),
-                "BENCH_MIX": "0.6,0.2,0.2",
+                "BENCH_MIX": args.mix,
+                "BENCH_ITEMS": ",".join(str(item) for item in popular),
+                "BENCH_TOKEN": TOKEN,
             }
             for users in args.users:
-                runs[str(users)] = run_locust(url, users, args.run_time, home, env)
-            delays = event_delay(url, bundle, servable, trials=5, seed=7)
+                runs[str(users)] = run_locust(urls, users, args.run_time, home, locust_env)
+            delays = [] if args.floor_service else event_delay(urls, bundle, servable, 5, seed=7)
         finally:
-            stop_server(process)
+            for process, _ in servers:
+                stop_server(process)
+            if redis_process is not None:
+                redis_process.terminate()
+                redis_process.wait(timeout=10)
 
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -319,7 +433,14 @@ def main() -> None:
             "platform": platform.platform(),
             "note": "shared machine: other jobs ran during the benchmark (see load_avg_1m)",
         },
-        "mix": {"known": 0.6, "active_fold_in": 0.2, "unknown": 0.2, "k": 10},
+        "mix": {**dict(zip(MIX, map(float, args.mix.split(",")), strict=True)), "k": 10},
+        "shoppers": {"known": len(known), "active": len(active)},
+        "servers": {
+            "replicas": args.replicas,
+            "workers_per_replica": args.workers,
+            "online_store": "redis" if use_redis else "sqlite",
+            "service": "bench/floor_service.py" if args.floor_service else "service.py",
+        },
         "in_process_floor": floor,
         "http": runs,
         "event_to_visible": delays,
@@ -334,25 +455,43 @@ def markdown(result: dict) -> str:
         f"POST /recommend, {result['date']}, {result['machine']['nproc']} CPUs (shared), "
         f"Python {result['machine']['python']}",
         "",
-        "| clients | requests | errors | req/s | p50 ms | p95 ms | p99 ms | load avg (1 min) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"servers: {result['servers']}",
+        "",
+        "| clients | requests | errors | req/s | p50 ms | p95 ms | p99 ms | cache hits |"
+        " load avg (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for users, run in result["http"].items():
         load = run["load_avg_1m"]
         load_text = f"{min(load):.1f}-{max(load):.1f}" if load else "n/a"
         lines.append(
-            f"| {users} | {run['requests']} | {run['errors']} | {run['rps']} | {run['p50_ms']:.0f}"
-            f" | {run['p95_ms']:.0f} | {run['p99_ms']:.0f} | {load_text} |"
+            f"| {users} | {run['requests']} | {run['errors']} | {run['rps']} | {run['p50_ms']:.1f}"
+            f" | {run['p95_ms']:.1f} | {run['p99_ms']:.1f} | {run['score_cache']['hit_rate']:.0%}"
+            f" | {load_text} |"
         )
-    lines += ["", "| clients | kind | requests | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| clients | request | requests | errors | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|",
+    ]
     for users, run in result["http"].items():
         for name, row in run["by_kind"].items():
-            kind = name.split("[")[-1].rstrip("]")
             p50, p99 = row["p50_ms"], row["p99_ms"]
-            lines.append(f"| {users} | {kind} | {row['requests']} | {p50:.0f} | {p99:.0f} |")
-    lines += ["", "| in-process floor | p50 ms | p95 ms | p99 ms |", "|---|---|---|---|"]
+            lines.append(
+                f"| {users} | {name} | {row['requests']} | {row['errors']} | {p50:.1f}"
+                f" | {p99:.1f} |"
+            )
+    lines += [
+        "",
+        "| in-process floor | call | p50 ms | p95 ms | p99 ms |",
+        "|---|---|---|---|---|",
+    ]
     for kind, floor in result["in_process_floor"].items():
-        lines.append(f"| {kind} | {floor['p50_ms']} | {floor['p95_ms']} | {floor['p99_ms']} |")
+        for call in ("first", "repeat"):
+            row = floor[call]
+            lines.append(
+                f"| {kind} | {call} | {row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} |"
+            )
     delays = result["event_to_visible"]
     lines += [
         "",

@@ -184,16 +184,16 @@ def test_online_scores_cached_until_event(bundle, purchases):
     two = pd.concat([one, purchase("i3", "2011-03-06")], ignore_index=True)
 
     first = online.recommend(one, k=5, user_id="u21")
-    assert len(online.prepare_online().scores._entries) == 1
+    assert len(online.prepare_online().scores) == 1
     again = online.recommend(one.copy(), k=5, user_id="u21")
-    assert len(online.prepare_online().scores._entries) == 1  # served from the cache
+    assert len(online.prepare_online().scores) == 1  # served from the cache
     after_event = online.recommend(two, k=5, user_id="u21")
 
     pd.testing.assert_frame_equal(again, first)
     assert first.attrs["score_cache_hit"] is False
     assert again.attrs["score_cache_hit"] is True
     assert after_event.attrs["score_cache_hit"] is False
-    assert len(online.prepare_online().scores._entries) == 2
+    assert len(online.prepare_online().scores) == 2
     pd.testing.assert_frame_equal(after_event, bundle.recommend(two, k=5, user_id="u21"))
 
 

@@ -537,7 +537,7 @@ def test_events_request_validation_names_field(events, location, message) -> Non
 class DownStore(SQLiteOnlineStore):
     """A store whose backend has gone away, as a stopped Redis looks to the recommender."""
 
-    def recent_events(self, user_id: str, limit: int) -> pd.DataFrame:
+    def recent_rows(self, user_id: str, limit: int) -> list[dict]:
         raise OnlineStoreUnavailableError("reading events from Redis at 127.0.0.1:1 failed")
 
     def append_events(self, user_id: str, events) -> int:
@@ -568,3 +568,19 @@ def test_store_outage_degrades_recommend(tmp_path: Path, metrics: ServingMetrics
     assert sample(metrics, "shoprec_online_store_errors_total", operation="write") == 1
     assert recommender.is_ready() is True
     store.close()
+
+
+def test_response_cache_until_new_event(recommender: Recommender, metrics: ServingMetrics) -> None:
+    request = RecommendRequest(user_id="shopper-9", k=2)
+
+    first = recommender.recommend(request)
+    again = recommender.recommend(request)
+    recommender.record_events(
+        EventsRequest(user_id="shopper-9", events=[ShopperEvent(item_id="A", event_type="view")])
+    )
+    after_event = recommender.recommend(request)
+
+    assert again is first
+    assert after_event is not first
+    assert sample(metrics, "shoprec_response_cache_total", result="hit") == 1
+    assert sample(metrics, "shoprec_response_cache_total", result="miss") == 2

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ from shoprec.columns import EVENT_COLUMNS, Columns
 from shoprec.exceptions import ShoprecError
 from shoprec.features import FeaturesConfig, ItemLookup, build_user_features, feature_matrix
 from shoprec.interactions import IdMap
+from shoprec.lru import LruCache
 from shoprec.rank import FeatureSpec, Ranker
 from shoprec.user_candidates import generate_user_candidates, score_user
 from shoprec.user_history import PurchaseIndex, UserHistory, context_purchases, new_purchases
@@ -118,31 +117,8 @@ def _fingerprint(history: UserHistory, stored_only: bool) -> tuple | None:
     )
 
 
-class ScoreCache:
-    """Least recently used candidate scores, keyed by user, variant, time and history."""
-
-    def __init__(self, max_users: int) -> None:
-        self.max_users = max_users
-        self._entries: OrderedDict[tuple, ScoredCandidates] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> ScoredCandidates | None:
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None:
-                self._entries.move_to_end(key)
-            return entry
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def put(self, key: tuple, entry: ScoredCandidates) -> None:
-        with self._lock:
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_users:
-                self._entries.popitem(last=False)
+# Least recently used candidate scores, keyed by user, variant, time and history.
+ScoreCache = LruCache[ScoredCandidates]
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,15 @@ class OnlineStore(ABC):
         """
 
     @abstractmethod
+    def recent_rows(self, user_id: str, limit: int) -> list[dict[str, Any]]:
+        """Return the user's newest `limit` recorded events as stored rows, oldest first.
+
+        Each row has the keys of ``normalize_event``'s result; ``event_id`` is unique.
+        """
+
     def recent_events(self, user_id: str, limit: int) -> pd.DataFrame:
         """Return the user's newest `limit` recorded events as canonical events, oldest first."""
+        return events_frame(self.recent_rows(user_id, limit))
 
     @abstractmethod
     def ping(self) -> bool:
@@ -274,16 +281,15 @@ class SQLiteOnlineStore(OnlineStore):
             ) from error
         return len(rows)
 
-    def recent_events(self, user_id: str, limit: int) -> pd.DataFrame:
+    def recent_rows(self, user_id: str, limit: int) -> list[dict[str, Any]]:
         try:
             cursor = self._connection().execute(_SELECT_RECENT, (user_id, int(limit)))
             names = [column[0] for column in cursor.description]
-            rows = [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
+            return [dict(zip(names, values, strict=True)) for values in cursor.fetchall()]
         except sqlite3.Error as error:
             raise OnlineStoreUnavailableError(
                 f"reading events from {self.path} failed: {error}"
             ) from error
-        return events_frame(rows)
 
     def ping(self) -> bool:
         try:
@@ -389,10 +395,10 @@ class RedisOnlineStore(OnlineStore):
         self._call(f"writing {len(rows)} events to", write)
         return len(rows)
 
-    def recent_events(self, user_id: str, limit: int) -> pd.DataFrame:
+    def recent_rows(self, user_id: str, limit: int) -> list[dict[str, Any]]:
         key = self._key(user_id)
         payloads = self._call("reading events from", lambda: self._client.lrange(key, -limit, -1))
-        return events_frame([json.loads(payload) for payload in payloads])
+        return [json.loads(payload) for payload in payloads]
 
     def ping(self) -> bool:
         try:

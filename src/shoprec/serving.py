@@ -27,6 +27,7 @@ from shoprec.bundle import UnknownItemError as BundleUnknownItemError
 from shoprec.columns import CatalogueColumns, Columns
 from shoprec.config import Settings, load_params, params_section
 from shoprec.exceptions import ShoprecError
+from shoprec.lru import LruCache
 from shoprec.online_store import (
     OnlineStore,
     OnlineStoreUnavailableError,
@@ -52,6 +53,8 @@ logger = logging.getLogger(__name__)
 # at most MAX_FETCH_ROUNDS times in all.
 MAX_FETCH_ROUNDS = 3
 FETCH_GROWTH = 4
+# Answers kept per worker, keyed by every input of the answer (see Recommender.recommend).
+RESPONSE_CACHE_SIZE = 8192
 
 
 class ServingError(ShoprecError):
@@ -278,6 +281,7 @@ class Recommender:
         self._find_champion = find_champion
         self._load_model = load_model
         self._reload_lock = threading.Lock()
+        self._responses: LruCache[RecommendResponse] = LruCache(RESPONSE_CACHE_SIZE)
 
     @classmethod
     def from_settings(
@@ -377,14 +381,33 @@ class Recommender:
             degraded_reason = None
             with self._timed("recommend", "history"):
                 try:
-                    history = self.store.recent_events(user_id, self.config.history_limit)
+                    rows = self.store.recent_rows(user_id, self.config.history_limit)
                 except OnlineStoreUnavailableError as error:
                     # Serve from the history stored in the model rather than fail the shopper.
                     logger.debug("Online store unavailable during /recommend: %s", error)
                     self.metrics.store_errors.labels(operation="read").inc()
                     self.metrics.degraded.labels(reason="online_store_unavailable").inc()
                     degraded_reason = "online store unavailable"
-                    history = events_frame([])
+                    rows = []
+
+            # Every input of the answer is in the key: a new event has a new event id, and a
+            # new model a new version, so a cached answer is never stale. Degraded answers
+            # are not cached.
+            key = (
+                model.version,
+                user_id,
+                tuple(row[Columns.EVENT_ID] for row in rows),
+                request.k,
+                tuple(request.context_items),
+                tuple(request.exclude_items),
+                request.exclude_purchased,
+            )
+            cached = self._responses.get(key) if degraded_reason is None else None
+            if cached is not None:
+                self.metrics.response_cache.labels(result="hit").inc()
+                self._count_recommendation(cached, bool(rows), user_id)
+                return cached
+            history = events_frame(rows)
 
             # The inactive set has thousands of ids: copy it only when the request adds some.
             exclude = (
@@ -416,14 +439,9 @@ class Recommender:
                 and all(item.source in self.config.cold_start_sources for item in items)
             )
 
-        if not history.empty:
-            self.metrics.fold_ins.inc()
-        if cold_start:
-            self.metrics.cold_starts.inc()
-            logger.debug("User %s has no history: cold-start list", user_id)
         if unknown_context:
             logger.debug("Ignored %d unknown context items for %s", len(unknown_context), user_id)
-        return RecommendResponse(
+        response = RecommendResponse(
             items=items,
             model_version=model.version,
             unknown_context_items=unknown_context,
@@ -431,6 +449,20 @@ class Recommender:
             degraded=degraded_reason is not None,
             degraded_reason=degraded_reason,
         )
+        if degraded_reason is None:
+            self.metrics.response_cache.labels(result="miss").inc()
+            self._responses.put(key, response)
+        self._count_recommendation(response, not history.empty, user_id)
+        return response
+
+    def _count_recommendation(
+        self, response: RecommendResponse, folded_in: bool, user_id: str
+    ) -> None:
+        if folded_in:
+            self.metrics.fold_ins.inc()
+        if response.cold_start:
+            self.metrics.cold_starts.inc()
+            logger.debug("User %s has no history: cold-start list", user_id)
 
     def similar_items(self, request: SimilarItemsRequest) -> SimilarItemsResponse:
         """Return servable items similar to one catalogue item."""

@@ -66,6 +66,12 @@ class ServingMetrics:
             ["result"],
             registry=registry,
         )
+        self.response_cache = Counter(
+            "shoprec_response_cache",
+            "Recommendations answered from the per-worker answer cache (hit) or computed (miss).",
+            ["result"],
+            registry=registry,
+        )
         self.reloads = Counter(
             "shoprec_model_reloads",
             "Model reload attempts, by outcome.",

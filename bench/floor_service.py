@@ -1,0 +1,30 @@
+"""A BentoML service that returns a fixed 10-item answer: the framework's own latency floor.
+
+bench/serve_bench.py --floor-service serves this file instead of service.py, with the same
+request and response schemas, worker count and load, so the difference between the two runs is
+the work of the recommender itself.
+"""
+
+from __future__ import annotations
+
+import os
+
+import bentoml
+
+from shoprec.serving_schemas import RecommendRequest, RecommendResponse, ScoredItem
+
+FIXED_ITEMS = [
+    ScoredItem(item_id=f"item-{rank}", score=1.0 / rank, rank=rank, source="als", price=1.0)
+    for rank in range(1, 11)
+]
+
+
+@bentoml.service(name="shoprec-floor", workers=int(os.environ.get("SHOPREC_WORKERS", "1")))
+class FixedAnswer:
+    """Answers /recommend with the same ten items, whatever the request."""
+
+    @bentoml.api(route="/recommend")
+    def recommend(self, request: RecommendRequest, /) -> RecommendResponse:
+        return RecommendResponse(
+            items=FIXED_ITEMS[: request.k], model_version="fixed", cold_start=False
+        )
