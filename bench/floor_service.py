@@ -1,4 +1,4 @@
-"""A BentoML service that returns a fixed 10-item answer: the framework's own latency floor.
+"""A BentoML service that returns fixed 10 items: the latency floor of the framework itself.
 
 bench/serve_bench.py --floor-service serves this file instead of service.py, with the same
 request and response schemas, worker count and load, so the difference between the two runs is
@@ -19,9 +19,12 @@ FIXED_ITEMS = [
 ]
 
 
-@bentoml.service(name="shoprec-floor", workers=int(os.environ.get("SHOPREC_WORKERS", "1")))
+WORKERS = os.environ.get("SHOPREC_WORKERS", "cpu_count")
+
+
+@bentoml.service(name="shoprec-floor", workers=WORKERS if WORKERS == "cpu_count" else int(WORKERS))
 class FixedAnswer:
-    """Answers /recommend with the same ten items, whatever the request."""
+    """Returns the same ten items from /recommend, whatever the request."""
 
     @bentoml.api(route="/recommend")
     def recommend(self, request: RecommendRequest, /) -> RecommendResponse:

@@ -176,7 +176,7 @@ def start_redis(home: Path) -> tuple[subprocess.Popen, str]:
         except OSError:
             time.sleep(0.1)
     process.kill()
-    raise RuntimeError(f"redis-server not answering on port {port}; see {home / 'redis.log'}")
+    raise RuntimeError(f"redis-server not responding on port {port}; see {home / 'redis.log'}")
 
 
 def start_server(
@@ -230,13 +230,16 @@ def summarize(rows: pd.DataFrame, run_time: int) -> dict:
 
 
 def cache_counts(urls: list[str]) -> dict[str, float]:
-    """Sum the score cache hit and miss counters of every server's /metrics."""
-    counts = {"hit": 0.0, "miss": 0.0}
+    """Sum the hit and miss counters of both caches over every server's /metrics."""
+    counts = {
+        f"{cache}_{result}": 0.0 for cache in ("score", "response") for result in ("hit", "miss")
+    }
     for url in urls:
         for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-            if line.startswith("shoprec_score_cache_total{"):
-                result = line.split('result="')[1].split('"')[0]
-                counts[result] += float(line.rsplit(" ", 1)[1])
+            for cache in ("score", "response"):
+                if line.startswith(f"shoprec_{cache}_cache_total{{"):
+                    result = line.split('result="')[1].split('"')[0]
+                    counts[f"{cache}_{result}"] += float(line.rsplit(" ", 1)[1])
     return counts
 
 
@@ -272,9 +275,12 @@ def run_locust(urls: list[str], users: int, run_time: int, out: Path, env: dict)
         name: summarize(group, run_time) for name, group in latencies.groupby("name", sort=True)
     }
     after = cache_counts(urls)
-    hits, misses = (after[r] - before[r] for r in ("hit", "miss"))
-    cache = {"hits": hits, "misses": misses, "hit_rate": round(hits / max(1, hits + misses), 3)}
-    return {**total, "by_kind": rows, "score_cache": cache, "load_avg_1m": sampler.samples}
+    caches = {}
+    for name in ("score", "response"):
+        hits, misses = (after[f"{name}_{r}"] - before[f"{name}_{r}"] for r in ("hit", "miss"))
+        rate = round(hits / max(1, hits + misses), 3)
+        caches[f"{name}_cache"] = {"hits": hits, "misses": misses, "hit_rate": rate}
+    return {**total, "by_kind": rows, **caches, "load_avg_1m": sampler.samples}
 
 
 def event_delay(
@@ -347,7 +353,7 @@ def main() -> None:
     parser.add_argument(
         "--floor-service",
         action="store_true",
-        help="serve bench/floor_service.py (a fixed answer) to measure the framework alone",
+        help="serve bench/floor_service.py (fixed items) to measure the framework alone",
     )
     parser.add_argument(
         "--mix",
@@ -457,16 +463,17 @@ def markdown(result: dict) -> str:
         "",
         f"servers: {result['servers']}",
         "",
-        "| clients | requests | errors | req/s | p50 ms | p95 ms | p99 ms | cache hits |"
-        " load avg (1 min) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| clients | requests | errors | req/s | p50 ms | p95 ms | p99 ms | response cache hits"
+        " | score cache hits | load avg (1 min) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for users, run in result["http"].items():
         load = run["load_avg_1m"]
         load_text = f"{min(load):.1f}-{max(load):.1f}" if load else "n/a"
         lines.append(
             f"| {users} | {run['requests']} | {run['errors']} | {run['rps']} | {run['p50_ms']:.1f}"
-            f" | {run['p95_ms']:.1f} | {run['p99_ms']:.1f} | {run['score_cache']['hit_rate']:.0%}"
+            f" | {run['p95_ms']:.1f} | {run['p99_ms']:.1f}"
+            f" | {run['response_cache']['hit_rate']:.0%} | {run['score_cache']['hit_rate']:.0%}"
             f" | {load_text} |"
         )
     lines += [

@@ -53,7 +53,7 @@ logger = logging.getLogger(__name__)
 # at most MAX_FETCH_ROUNDS times in all.
 MAX_FETCH_ROUNDS = 3
 FETCH_GROWTH = 4
-# Answers kept per worker, keyed by every input of the answer (see Recommender.recommend).
+# Responses kept per worker, keyed by every input of the response (see Recommender.recommend).
 RESPONSE_CACHE_SIZE = 8192
 
 
@@ -339,8 +339,8 @@ class Recommender:
     def is_ready(self) -> bool:
         """Return True once a model is loaded.
 
-        The online store is not part of readiness: without it /recommend still answers
-        (degraded) and /events says 503, so a replica should stay in the load balancer.
+        The online store is not part of readiness: without it /recommend still responds
+        (degraded) and /events responds 503, so a replica should stay in the load balancer.
         """
         return self._model is not None
 
@@ -390,8 +390,8 @@ class Recommender:
                     degraded_reason = "online store unavailable"
                     rows = []
 
-            # Every input of the answer is in the key: a new event has a new event id, and a
-            # new model a new version, so a cached answer is never stale. Degraded answers
+            # Every input of the response is in the key: a new event has a new event id, and a
+            # new model a new version, so a cached response is never stale. Degraded responses
             # are not cached.
             key = (
                 model.version,
