@@ -27,6 +27,9 @@ fi
 
 echo "Installing redis-server (Debian package)..."
 export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq
-$sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+# Try with the package lists on the machine first; refresh them only when that fails.
+if ! $sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null 2>&1; then
+    $sudo apt-get update -qq || echo "apt-get update reported errors; trying the install anyway" >&2
+    $sudo apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+fi
 echo "redis-server installed: $(redis-server --version | cut -d' ' -f1-3)"
