@@ -25,6 +25,7 @@ from shoprec.serving import (
     WritesDisabledError,
     check_bearer_token,
     prepare_model,
+    warn_on_key_mismatch,
 )
 from shoprec.serving_metrics import ServingMetrics
 from shoprec.serving_schemas import (
@@ -584,3 +585,16 @@ def test_response_cache_until_new_event(recommender: Recommender, metrics: Servi
     assert after_event is not first
     assert sample(metrics, "shoprec_response_cache_total", result="hit") == 1
     assert sample(metrics, "shoprec_response_cache_total", result="miss") == 2
+
+
+def test_key_mismatch_warns(caplog) -> None:
+    bundle = StubBundle()
+    bundle.metadata = {"pseudonym_key_check": Pseudonymizer(b"another-key-0123456789").key_check()}
+
+    with caplog.at_level("WARNING", logger="shoprec.serving"):
+        mismatch = warn_on_key_mismatch(bundle, "shoprec:v1", Pseudonymizer(KEY))
+    same = warn_on_key_mismatch(bundle, "shoprec:v1", Pseudonymizer(b"another-key-0123456789"))
+
+    assert mismatch is True
+    assert same is False
+    assert "another key than the one in use" in caplog.text

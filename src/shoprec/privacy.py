@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 # shop's customers are negligible (about 1 in 10^10 for a million users).
 PSEUDONYM_HEX_CHARS = 16
 MIN_KEY_BYTES = 16
+# Digested with the key to tell which key a model was trained under, without storing the key.
+KEY_CHECK_INPUT = "shoprec:key-check"
 
 
 def load_or_create_key(key: str | None, key_file: Path) -> bytes:
@@ -73,6 +75,10 @@ class Pseudonymizer:
     def digest(self, value: str, length: int = PSEUDONYM_HEX_CHARS) -> str:
         """Return the first `length` hex characters of HMAC-SHA256(key, value)."""
         return hmac.new(self._key, value.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
+
+    def key_check(self) -> str:
+        """Return a short digest that identifies the key (the same key gives the same value)."""
+        return self.digest(KEY_CHECK_INPUT)
 
     def user_id(self, raw_id: str) -> str:
         """Return the pseudonym of a customer id, e.g. ``u3f9a...`` (17 characters)."""

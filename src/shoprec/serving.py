@@ -216,6 +216,24 @@ def prepare_model(bundle: RecommendationModel, version: str, inactive_days: int)
     return served
 
 
+def warn_on_key_mismatch(bundle: Any, version: str, pseudonymizer: Pseudonymizer) -> bool:
+    """Log a warning and return True when `bundle` was trained under another pseudonym key.
+
+    With another key every shopper's pseudonym differs from the ones the model knows, so each
+    known shopper would silently get the cold-start list.
+    """
+    expected = (getattr(bundle, "metadata", None) or {}).get("pseudonym_key_check")
+    if expected is None or expected == pseudonymizer.key_check():
+        return False
+    logger.warning(
+        "Model %s was trained on ids pseudonymized with another key than the one in use: every "
+        "known shopper will be treated as unknown. Set SHOPREC_PSEUDONYM_KEY or "
+        "SHOPREC_KEY_FILE to the key used at ingestion",
+        version,
+    )
+    return True
+
+
 def check_bearer_token(authorization: str | None, api_token: str | None, insecure: bool) -> None:
     """Raise unless `authorization` is ``Bearer <api_token>``.
 
@@ -299,6 +317,7 @@ class Recommender:
                 settings.key_file,
             )
         pseudonymizer = Pseudonymizer(load_or_create_key(secret, settings.key_file))
+        warn_on_key_mismatch(bundle, version, pseudonymizer)
         store = create_online_store(settings, config.max_events_per_user)
         model = prepare_model(bundle, version, config.inactive_days)
         return cls(model, store, pseudonymizer, config)

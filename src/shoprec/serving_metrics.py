@@ -78,6 +78,16 @@ class ServingMetrics:
             ["outcome"],
             registry=registry,
         )
+        # Create the label sets that start at zero, so /metrics lists them before the first
+        # reload, outage or cache miss instead of leaving them out.
+        for outcome in ("reloaded", "failed"):
+            self.reloads.labels(outcome=outcome)
+        self.degraded.labels(reason="online_store_unavailable")
+        for operation in ("read", "write"):
+            self.store_errors.labels(operation=operation)
+        for result in ("hit", "miss"):
+            self.score_cache.labels(result=result)
+            self.response_cache.labels(result=result)
         self.stage_latency = Histogram(
             "shoprec_stage_latency_seconds",
             "Time spent in each stage of a request.",

@@ -162,9 +162,17 @@ def run_features(
 
 
 def run_rank(
-    params: dict[str, Any], data_dir: Path, artifacts_dir: Path, reports_dir: Path
+    params: dict[str, Any],
+    data_dir: Path,
+    artifacts_dir: Path,
+    reports_dir: Path,
+    key_check: str | None = None,
 ) -> None:
-    """Train one ranker per variant on the train fold and save the model bundle."""
+    """Train one ranker per variant on the train fold and save the model bundle.
+
+    `key_check` (``Pseudonymizer.key_check()`` of the ingestion key) goes into the bundle's
+    metadata, so serving can warn when it runs with another key.
+    """
     from shoprec.bundle import ModelBundle, load_candidate_model
     from shoprec.features import FeaturesConfig
     from shoprec.interactions import VARIANTS
@@ -198,6 +206,7 @@ def run_rank(
                 "end": str(folds["train"].target_end),
             },
             "params": {s: params.get(s) for s in ("split", "candidates", "features", "rank")},
+            "pseudonym_key_check": key_check,
         },
     )
     bundle.save(artifacts_dir / "model")
@@ -242,6 +251,16 @@ def run_evaluate(
     return metrics
 
 
+def _key_check(settings: Settings) -> str | None:
+    """Return the check value of the configured pseudonym key, or None when there is none."""
+    from shoprec.privacy import Pseudonymizer, load_or_create_key
+
+    secret = settings.pseudonym_key.get_secret_value() if settings.pseudonym_key else None
+    if secret is None and not settings.key_file.exists():
+        return None
+    return Pseudonymizer(load_or_create_key(secret, settings.key_file)).key_check()
+
+
 def run_stage(name: str, settings: Settings | None = None) -> float:
     """Run one stage by name with settings from the environment; return seconds taken."""
     settings = settings or Settings()
@@ -254,7 +273,11 @@ def run_stage(name: str, settings: Settings | None = None) -> float:
             params, settings.data_dir, settings.artifacts_dir, settings.task_runner
         ),
         "rank": lambda: run_rank(
-            params, settings.data_dir, settings.artifacts_dir, settings.reports_dir
+            params,
+            settings.data_dir,
+            settings.artifacts_dir,
+            settings.reports_dir,
+            _key_check(settings),
         ),
         "evaluate": lambda: run_evaluate(
             params, settings.data_dir, settings.artifacts_dir, settings.reports_dir
