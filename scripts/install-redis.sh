@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install Debian's redis-server for the tests that need a real Redis, unless it is on PATH.
 #
-# The tests start their own redis-server processes on free loopback ports (tests/redis_server.py);
-# this script only installs the binary and does not start or enable a system service.
+# The tests start their own redis-server processes on free loopback ports (tests/redis_server.py).
+# This script only installs the binary. It does not start or enable a system service.
 set -euo pipefail
 
 if command -v redis-server >/dev/null 2>&1; then

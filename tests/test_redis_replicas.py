@@ -140,7 +140,7 @@ def test_redis_outage_degrades_then_recovers(
     redis_server.stop()
     try:
         down = recommend(first, shopper)
-        refused = post_events(second, shopper, [{"item_id": item, "event_type": "purchase"}])
+        rejected = post_events(second, shopper, [{"item_id": item, "event_type": "purchase"}])
         ready = first.get("/readyz")
         degraded_after = metric_value(
             first, "shoprec_degraded_responses_total", reason="online_store_unavailable"
@@ -152,9 +152,9 @@ def test_redis_outage_degrades_then_recovers(
     assert down["degraded"] is True
     assert down["degraded_reason"] == "online store unavailable"
     assert len(down["items"]) == 10
-    assert refused.status_code == 503
-    assert "online store unavailable" in refused.json()["error"]
-    assert refused.headers["retry-after"] == "1"
+    assert rejected.status_code == 503
+    assert "online store unavailable" in rejected.json()["error"]
+    assert rejected.headers["retry-after"] == "1"
     assert ready.status_code == 200
     assert degraded_after == degraded_before + 1
     assert write_errors >= 1
@@ -198,10 +198,10 @@ def test_event_burst_stays_capped(
         result = recommend(second, shopper)
         timings.append((time.perf_counter() - started) * 1000)
     memory_after = server.info("memory")["used_memory"]
-    kept = server.llen(user_key(shopper))
+    stored_events = server.llen(user_key(shopper))
     server.close()
 
-    assert kept == MAX_EVENTS_PER_USER
+    assert stored_events == MAX_EVENTS_PER_USER
     assert len(result["items"]) == 10
     # 200 events of about 200 bytes each; the 10,000 posted would be about 2 MB.
     assert memory_after - memory_before < 512 * 1024

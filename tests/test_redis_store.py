@@ -2,7 +2,7 @@
 
 The same promises as the SQLite store (canonical events, a per-user cap, no lost concurrent
 write) plus the ones for a server that can go away: a call fails fast with
-OnlineStoreUnavailableError while Redis is down, and the store answers again once it is back.
+OnlineStoreUnavailableError while Redis is down, and the store responds again once it is back.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ def test_cap_keeps_newest_events(store: RedisOnlineStore, redis_server) -> None:
     for index in range(12):
         store.append_events("u2", [view(f"item-{index}")])
 
-    kept = store.recent_events("u2", 100)[Columns.ITEM_ID].tolist()
+    newest = store.recent_events("u2", 100)[Columns.ITEM_ID].tolist()
 
-    assert kept == [f"item-{index}" for index in range(7, 12)]
+    assert newest == [f"item-{index}" for index in range(7, 12)]
     assert store._client.llen(store._key("u2")) == 5  # noqa: SLF001
 
 
