@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,7 @@ from pydantic import SecretStr, ValidationError
 from shoprec.bundle import ModelBundle
 from shoprec.bundle import UnknownItemError as BundleUnknownItemError
 from shoprec.columns import Columns
-from shoprec.online_store import OnlineStoreUnavailableError, SQLiteOnlineStore
+from shoprec.online_store import OnlineStore, OnlineStoreUnavailableError, SQLiteOnlineStore
 from shoprec.privacy import Pseudonymizer
 from shoprec.serving import (
     Recommender,
@@ -106,11 +107,21 @@ def store(tmp_path: Path):
     online_store.close()
 
 
+def make_recommender(
+    store: OnlineStore,
+    metrics: ServingMetrics,
+    config: ServingConfig | None = None,
+    **hooks: Callable,
+) -> Recommender:
+    """Build a recommender serving StubBundle as shoprec:v1; `hooks` are find_champion etc."""
+    config = config or ServingConfig()
+    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
+    return Recommender(model, store, Pseudonymizer(KEY), config, metrics, **hooks)
+
+
 @pytest.fixture
 def recommender(store: SQLiteOnlineStore, metrics: ServingMetrics) -> Recommender:
-    config = ServingConfig(inactive_days=90)
-    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
-    return Recommender(model, store, Pseudonymizer(KEY), config, metrics)
+    return make_recommender(store, metrics, ServingConfig(inactive_days=90))
 
 
 def sample(metrics: ServingMetrics, name: str, **labels: str) -> float:
@@ -220,8 +231,8 @@ def test_item_table_layout_gives_servable_items() -> None:
 
     assert model.servable_items == {"A", "B"}
     assert model.inactive_items == {"C"}
-    assert model.item_details.at["B", "price"] == 3.75
-    assert model.item_details["description"].isna().all()
+    assert model.details_by_item["B"] == (None, 3.75)
+    assert all(description is None for description, _ in model.details_by_item.values())
 
 
 def test_excluded_items_never_returned(recommender: Recommender) -> None:
@@ -284,13 +295,8 @@ def test_stage_latency_recorded(recommender: Recommender, metrics: ServingMetric
 
 
 def test_reload_swaps_champion(store, metrics: ServingMetrics) -> None:
-    config = ServingConfig()
-    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
-    recommender = Recommender(
-        model,
+    recommender = make_recommender(
         store,
-        Pseudonymizer(KEY),
-        config,
         metrics,
         find_champion=lambda: "shoprec:v2",
         load_model=lambda tag: StubBundle(tag),
@@ -307,15 +313,11 @@ def test_reload_swaps_champion(store, metrics: ServingMetrics) -> None:
 
 
 def test_polling_picks_up_new_champion(store, metrics: ServingMetrics) -> None:
-    config = ServingConfig(reload_poll_seconds=0.05)
-    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
     champion = {"tag": "shoprec:v1"}
-    recommender = Recommender(
-        model,
+    recommender = make_recommender(
         store,
-        Pseudonymizer(KEY),
-        config,
         metrics,
+        config=ServingConfig(reload_poll_seconds=0.05),
         find_champion=lambda: champion["tag"],
         load_model=lambda tag: StubBundle(tag),
     )
@@ -335,9 +337,7 @@ def test_polling_picks_up_new_champion(store, metrics: ServingMetrics) -> None:
 
 
 def test_polling_off_when_interval_is_zero(store, metrics: ServingMetrics) -> None:
-    config = ServingConfig(reload_poll_seconds=0)
-    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
-    recommender = Recommender(model, store, Pseudonymizer(KEY), config, metrics)
+    recommender = make_recommender(store, metrics, ServingConfig(reload_poll_seconds=0))
 
     assert recommender.start_polling() is None
 
@@ -346,13 +346,8 @@ def test_reload_failure_keeps_model(store, metrics: ServingMetrics, caplog) -> N
     def broken_load(tag: str) -> StubBundle:
         raise OSError(f"bundle files of {tag} missing")
 
-    config = ServingConfig()
-    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
-    recommender = Recommender(
-        model,
+    recommender = make_recommender(
         store,
-        Pseudonymizer(KEY),
-        config,
         metrics,
         find_champion=lambda: "shoprec:v3",
         load_model=broken_load,
@@ -431,13 +426,8 @@ def corrupt_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_reload_of_corrupt_bundle_keeps_model(
     store: SQLiteOnlineStore, metrics: ServingMetrics, corrupt_bundle_dir: Path, caplog
 ) -> None:
-    config = ServingConfig()
-    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
-    recommender = Recommender(
-        model,
+    recommender = make_recommender(
         store,
-        Pseudonymizer(KEY),
-        config,
         metrics,
         find_champion=lambda: "shoprec:corrupt",
         load_model=lambda tag: ModelBundle.load(corrupt_bundle_dir),
@@ -546,10 +536,8 @@ class DownStore(SQLiteOnlineStore):
 
 
 def test_store_outage_degrades_recommend(tmp_path: Path, metrics: ServingMetrics) -> None:
-    config = ServingConfig()
-    model = prepare_model(StubBundle(), "shoprec:v1", config.inactive_days)
     store = DownStore(tmp_path / "online.sqlite")
-    recommender = Recommender(model, store, Pseudonymizer(KEY), config, metrics)
+    recommender = make_recommender(store, metrics)
 
     response = recommender.recommend(RecommendRequest(user_id="shopper-1", k=2))
 

@@ -134,7 +134,6 @@ class ServedModel:
 
     bundle: RecommendationModel
     version: str
-    item_details: pd.DataFrame
     servable_items: frozenset[str]
     inactive_items: frozenset[str]
     # item_id -> (description, price), None where unknown; a dict lookup per returned item.
@@ -195,7 +194,6 @@ def prepare_model(bundle: RecommendationModel, version: str, inactive_days: int)
     served = ServedModel(
         bundle=bundle,
         version=version,
-        item_details=details[["description", "price"]],
         servable_items=frozenset(item_ids[active]),
         inactive_items=frozenset(item_ids[~active]),
         details_by_item={
@@ -219,8 +217,8 @@ def prepare_model(bundle: RecommendationModel, version: str, inactive_days: int)
 def warn_on_key_mismatch(bundle: Any, version: str, pseudonymizer: Pseudonymizer) -> bool:
     """Log a warning and return True when `bundle` was trained under another pseudonym key.
 
-    With another key every shopper's pseudonym differs from the ones the model knows, so each
-    known shopper would silently get the cold-start list.
+    With another key every shopper's pseudonym differs from the ones in the model's training
+    data, so each known shopper would silently get the cold-start list.
     """
     expected = (getattr(bundle, "metadata", None) or {}).get("pseudonym_key_check")
     if expected is None or expected == pseudonymizer.key_check():
