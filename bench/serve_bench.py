@@ -90,8 +90,8 @@ def in_process_floor(
 ) -> dict[str, dict]:
     """Time bundle.recommend as the service calls it (inactive items excluded).
 
-    ``first`` empties the score cache before each call (a shopper's first request, or the first
-    after a new event); ``repeat`` calls again with the same history (a cache hit).
+    ``first`` empties the score cache before each call, as for a shopper's first request or
+    the first after a new event. ``repeat`` calls again with the same history, so the cache hits.
     """
     empty = online_purchase("x").iloc[0:0]
     cache = bundle.prepare_online().scores

@@ -1,7 +1,7 @@
 """Tests of the Redis online store against a real redis-server on loopback.
 
-The same promises as the SQLite store (canonical events, a per-user cap, no lost concurrent
-write) plus the ones for a server that can go away: a call fails fast with
+The store keeps the promises of the SQLite store: canonical events, a per-user cap and no
+lost concurrent write. Because Redis can go away, a call also fails fast with
 OnlineStoreUnavailableError while Redis is down, and the store responds again once it is back.
 """
 

@@ -158,7 +158,7 @@ class ModelBundle:
         """Write the bundle as plain files (npz, parquet, LightGBM text, JSON) to ``directory``.
 
         With ``precompute``, the ranked candidates of every training user are scored first
-        and saved too, so serving answers a known user without running the ranker.
+        and saved too, so serving returns a known user's items without running the ranker.
         """
         save_candidate_model(self.candidate_model, directory)
         if precompute:
@@ -334,7 +334,7 @@ class ModelBundle:
                 Columns.SOURCE: scored.source[top],
             }
         )
-        # Read by serving for its cache metrics; absent on popular-list answers.
+        # Read by serving for its cache metrics; absent from popular-list results.
         ranked.attrs[CACHE_HIT_ATTR] = cache_hit
         return ranked
 

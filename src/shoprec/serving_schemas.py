@@ -80,7 +80,7 @@ class RecommendResponse(BaseModel):
         ),
     )
     degraded_reason: str | None = Field(
-        None, description="Why the answer is degraded, e.g. 'online store unavailable'."
+        None, description="Why the response is degraded, e.g. 'online store unavailable'."
     )
 
 
